@@ -1,0 +1,29 @@
+# The README's two commands: `make run` and `make test`. Both set up what they need first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_ARGS ?= --teacher swin --student shufflenetv2
+PYTEST_ARGS ?=
+
+.PHONY: setup setup-test run test test-fast clean
+
+setup:
+	scripts/bootstrap.sh
+
+setup-test:
+	scripts/bootstrap.sh --test
+
+## Main job on the built-in default data (Fashion-MNIST).
+run: setup
+	$(VENV)/bin/pipeline run $(RUN_ARGS)
+
+## The whole test suite, slow tests included (what CI runs). pytest's exit 5 ("no tests
+## collected") is not treated as a failure on its own.
+test: setup-test
+	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && echo "no tests collected" || exit $$status
+
+## Quick suite: skips tests marked slow.
+test-fast: setup-test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

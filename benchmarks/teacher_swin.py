@@ -1,0 +1,105 @@
+"""Swin teacher from scratch on Fashion-MNIST: our recipe vs torchvision's default-window fp32 Swin.
+
+Both runs get the same training-time budget on the same data. For each the
+script prints the test top-1 after every epoch against cumulative training
+time (the accuracy-vs-time curve) and the measured training throughput, side
+by side, plus a throughput probe of both models on identical batches.
+
+    python benchmarks/teacher_swin.py --budget-minutes 20 --out /tmp/swin-bench
+
+Runs are cached in --out keyed by their flags; rerunning prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models import build_model  # noqa: E402
+from pipeline.engine import _time_steps  # noqa: E402
+from pipeline.tasks import SupervisedTask  # noqa: E402
+
+TRAIN_IMAGES = 60_000
+OURS = ["--teacher", "swin", "--precision", "auto", "--lr", "1e-3", "--batch-size", "128", "--warmup-epochs",
+        "0.25", "--grad-clip", "1.0", "--drop-path", "0.0", "--label-smoothing", "0.1"]
+BASELINE = ["--teacher", "swin", "--precision", "fp32", "--lr", "1e-3", "--batch-size", "128", "--warmup-epochs",
+            "0.25", "--grad-clip", "1.0", "--drop-path", "0.0", "--label-smoothing", "0.1"]
+
+
+def throughput(window_per_stage: list[int] | None, precision: str, batch: int = 128) -> float:
+    options = {"drop_path": 0.0} if window_per_stage is None else {"drop_path": 0.0,
+                                                                    "window_per_stage": window_per_stage}
+    model, _, _ = build_model("swin", 10, 32, **options)
+    images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return _time_steps(SupervisedTask(model), images, labels, torch.device("cpu"), precision, steps=4)
+
+
+def run(name: str, flags: list[str], out: Path) -> list[dict]:
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "pipeline", "teacher", "--run-dir", str(run_dir), "--no-progress", *flags]
+    print("$", " ".join(cmd), flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"  {name}: {time.time() - start:.0f} s wall", flush=True)
+    return [json.loads(line) for line in (run_dir / "teacher" / "metrics.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-minutes", type=float, default=20.0)
+    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "kdiff-pipeline" / "swin-bench")
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    budget_s = args.budget_minutes * 60
+
+    probe = {
+        "ours fp32 (adaptive window)": throughput(None, "fp32"),
+        "ours bf16 (adaptive window)": throughput(None, "bf16"),
+        "torchvision window 7 fp32": throughput([7, 7, 7, 7], "fp32"),
+    }
+    print("\ntraining throughput probe (batch 128, 32x32, img/s):")
+    for key, value in probe.items():
+        print(f"  {key:32s} {value:8.1f}")
+    ours_rate = max(probe["ours fp32 (adaptive window)"], probe["ours bf16 (adaptive window)"])
+    base_rate = probe["torchvision window 7 fp32"]
+
+    def plan(rate: float) -> list[str]:
+        images = rate * budget_s
+        epochs = max(1, math.floor(images / TRAIN_IMAGES))
+        subset = [] if images >= TRAIN_IMAGES else ["--subset", str(int(images) // 128 * 128)]
+        return ["--epochs", str(epochs), *subset]
+
+    results = {"ours": run("ours", OURS + plan(ours_rate), args.out)}
+    if not args.skip_baseline:
+        results["torchvision-default"] = run("torchvision-default", BASELINE + plan(base_rate) +
+                                             ["--config", str(write_baseline_config(args.out))], args.out)
+    print(f"\naccuracy vs training time (budget {args.budget_minutes:.0f} min, full 10k test set):")
+    print(f"{'run':22s} {'epoch':>5s} {'train min':>9s} {'test top-1':>10s} {'train img/s':>11s}")
+    for name, history in results.items():
+        for r in history:
+            print(f"{name:22s} {r['epoch']:5d} {r['train_time_s'] / 60:9.1f} {r['test_top1']:9.2f}% "
+                  f"{r['train_images_per_s']:11.1f}")
+    if "torchvision-default" in results:
+        print(f"\nthroughput ratio ours / torchvision-default: {ours_rate / base_rate:.2f}x (probe), "
+              f"{results['ours'][-1]['train_images_per_s'] / results['torchvision-default'][-1]['train_images_per_s']:.2f}x"
+              " (training runs)")
+
+
+def write_baseline_config(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "baseline.yaml"
+    path.write_text("teacher:\n  window_per_stage: [7, 7, 7, 7]\n")
+    return path
+
+
+if __name__ == "__main__":
+    main()

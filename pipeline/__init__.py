@@ -1,0 +1,1 @@
+"""Distill-and-export pipeline: stages, CLI, data and the shared training engine."""

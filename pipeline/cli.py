@@ -1,0 +1,216 @@
+"""The ``pipeline`` command line: one subcommand per stage, plus ``run`` to chain them."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+STAGES_TO_COME = ("distill", "fuse", "export", "bench", "report")
+
+
+def _setup_logging(level: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
+                        format=("" if rank == 0 else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+
+
+# Options shared by the training stages: (flag, config path under the stage's section or top level, click kwargs).
+DATA_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--dataset", "data.dataset", dict(help="fashion-mnist (default), cifar10, cifar100 or imagefolder:PATH")),
+    ("--data-root", "data.data_root", dict(help="folder holding the dataset files")),
+    ("--download/--no-download", "data.download", dict(default=None, help="fetch the dataset through torchvision")),
+    ("--subset", "data.subset", dict(type=int, help="train on N images (stratified, seeded)")),
+    ("--eval-subset", "data.eval_subset", dict(type=int, help="evaluate on N test images (default: all)")),
+    ("--image-size", "data.image_size", dict(type=int, help="model input side (default: 32 for 28-32px data)")),
+    ("--workers", "data.num_workers", dict(type=int, help="data-loader processes (image folders)")),
+    ("--seed", "seed", dict(type=int, help="random seed (default 0)")),
+    ("--deterministic/--no-deterministic", "deterministic", dict(default=None, help="deterministic algorithms")),
+]
+TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--epochs", "train.epochs", dict(type=int)),
+    ("--batch-size", "train.batch_size", dict(type=int, help="global batch size (split across torchrun ranks)")),
+    ("--lr", "train.lr", dict(type=float)),
+    ("--optimizer", "train.optimizer", dict(type=click.Choice(["adamw", "sgd"]))),
+    ("--weight-decay", "train.weight_decay", dict(type=float)),
+    ("--schedule", "train.schedule", dict(type=click.Choice(["cosine", "step", "constant"]))),
+    ("--warmup-epochs", "train.warmup_epochs", dict(type=float)),
+    ("--grad-clip", "train.grad_clip", dict(type=float, help="max gradient norm")),
+    ("--label-smoothing", "train.label_smoothing", dict(type=float)),
+    ("--precision", "train.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+                                           help="autocast dtype; auto measures fp32 vs bf16 on a CPU")),
+]
+TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--teacher-weights", "weights", dict(help="torchvision-format state dict to start from")),
+    ("--pretrained/--no-pretrained", "pretrained", dict(default=None, help="torchvision's ImageNet weights (online)")),
+    ("--drop-path", "drop_path", dict(type=float, help="stochastic depth rate (Swin)")),
+]
+
+
+def _param_name(flag: str) -> str:
+    return flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def with_options(*groups: tuple[str, list[tuple[str, str, dict[str, Any]]]]) -> Callable:
+    """Add option groups to a command; ``groups`` pairs a config prefix with its option list."""
+
+    def decorate(func: Callable) -> Callable:
+        for _, options in reversed(groups):
+            for flag, _path, kwargs in reversed(options):
+                func = click.option(flag, _param_name(flag), **kwargs)(func)
+        return func
+
+    return decorate
+
+
+def overrides_from(params: dict[str, Any], *groups: tuple[str, list[tuple[str, str, dict[str, Any]]]]) -> dict:
+    """Nested config overrides from the parsed options (None = not given)."""
+    tree: dict[str, Any] = {}
+    for prefix, options in groups:
+        for flag, path, _ in options:
+            value = params.get(_param_name(flag))
+            if value is None:
+                continue
+            full = f"{prefix}.{path}" if prefix else path
+            node = tree
+            *parents, leaf = full.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return tree
+
+
+def common_options(func: Callable) -> Callable:
+    func = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                        help="YAML config file (command-line flags override it)")(func)
+    func = click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False),
+                        help="run directory")(func)
+    func = click.option("--progress/--no-progress", default=None, help="progress bar (default: when on a terminal)")(func)
+    func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(func)
+    return func
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn pipeline failures into one line on stderr and the failure class's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("debug", False)
+        try:
+            return func(*args, **kwargs)
+        except PipelineError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {one_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; rerun the same command to resume", err=True)
+            sys.exit(130)
+        finally:
+            from pipeline.distributed import shutdown_distributed
+
+            shutdown_distributed()
+
+    return wrapper
+
+
+def one_line(exc: BaseException) -> str:
+    """The message itself, even when a DataLoader worker wrapped it in a traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Traceback" in str(exc):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return lines[0] if lines else type(exc).__name__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="show Python tracebacks")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(package_name="kdiff-pipeline")
+def main(debug: bool, log_level: str) -> None:
+    """Distill-and-export pipeline: teacher -> distill -> fuse -> export -> bench.
+
+    Each stage is a subcommand reading and writing one run directory; `run` chains them.
+    """
+    _setup_logging("debug" if debug else log_level)
+
+
+def _teacher_config(params: dict[str, Any], teacher: str | None):
+    from pipeline.config import resolve_config
+
+    groups = (("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+    overrides = overrides_from(params, *groups)
+    if teacher:
+        overrides.setdefault("teacher", {})["model"] = teacher
+    return resolve_config(params.get("config_file"), overrides)
+
+
+def _context(device: str):
+    from pipeline.distributed import init_distributed
+
+    try:
+        return init_distributed(device)
+    except RuntimeError as exc:
+        from pipeline.errors import BadInputError
+
+        raise BadInputError(str(exc)) from None
+
+
+@main.command()
+@click.option("--teacher", help="teacher model (default swin = swin_t); see `pipeline models`")
+@with_options(("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+@common_options
+@handle_errors
+def teacher(**params: Any) -> None:
+    """Train or fine-tune the teacher; writes RUN_DIR/teacher/."""
+    from pipeline.teacher import run_teacher
+
+    cfg = _teacher_config(params, params.pop("teacher"))
+    run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
+
+
+@main.command()
+@click.option("--teacher", help="teacher model (default swin)")
+@click.option("--student", help="student model (default shufflenetv2)")
+@with_options(("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+@common_options
+@handle_errors
+def run(**params: Any) -> None:
+    """Run every stage into one run directory (stages already finished are skipped)."""
+    from pipeline.teacher import run_teacher
+
+    cfg = _teacher_config(params, params.pop("teacher"))
+    if params.get("student"):
+        cfg.student.model = params["student"]
+    result = run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
+    log.info("run: teacher %s reached %.2f%% test top-1 -> %s", cfg.teacher.model, result["top1"],
+             Path(params["run_dir"]) / "teacher")
+    log.info("run: stages still to come (not implemented yet): %s; student %s is recorded in config.yaml",
+             ", ".join(STAGES_TO_COME), cfg.student.model)
+
+
+@main.command()
+@handle_errors
+def models() -> None:
+    """List the model zoo: names, aliases and feature taps."""
+    from models import get_spec, model_names
+
+    for role in ("teacher", "student"):
+        click.echo(f"{role}s:")
+        for name in model_names(role):
+            spec = get_spec(name)
+            aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+            click.echo(f"  {name}{aliases}  taps: {', '.join(spec.taps)}")
+
+
+if __name__ == "__main__":
+    main()

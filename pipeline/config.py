@@ -1,0 +1,173 @@
+"""One typed config for the whole pipeline: defaults, YAML files, CLI overrides, validation.
+
+Precedence: built-in defaults < ``--config FILE`` < command-line flags. The
+resolved config is validated as a whole before any work starts (so an
+invalid value never touches a run directory) and saved to
+``RUN_DIR/config.yaml``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import BadInputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "fashion-mnist"
+    data_root: Optional[str] = None
+    download: bool = False
+    subset: Optional[int] = Field(None, gt=0, description="train on N images (stratified, seeded)")
+    eval_subset: Optional[int] = Field(None, gt=0, description="evaluate on N test images")
+    image_size: Optional[int] = Field(None, ge=16, le=1024, description="model input side; default per dataset")
+    augment: bool = True
+    num_workers: Optional[int] = Field(None, ge=0, description="loader processes for image folders")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from pipeline.data import check_dataset_name
+
+        return check_dataset_name(value)
+
+
+class TrainConfig(_Strict):
+    """Settings of one training run (shared by every training stage)."""
+
+    epochs: int = Field(6, gt=0)
+    batch_size: int = Field(128, gt=0, description="global batch (split across torchrun ranks)")
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.5, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    step_milestones: list[int] = Field(default_factory=lambda: [30, 60, 90])
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    grad_clip: Optional[float] = Field(1.0, ge=0, description="max gradient norm; 0 or null = off")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class TeacherConfig(_Strict):
+    model: str = "swin"
+    weights: Optional[str] = Field(None, description="torchvision-format state dict to start from")
+    pretrained: bool = False
+    drop_path: Optional[float] = Field(0.1, ge=0, lt=1, description="stochastic depth (Swin)")
+    window: int = Field(7, ge=1, description="largest Swin attention window")
+    window_per_stage: Optional[list[int]] = Field(
+        None, description="Swin window of each stage; empty = the largest window <= `window` that divides the "
+        "stage's token grid (no padding), filled in when the run starts")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return _check_model(value, "teacher")
+
+
+class StudentConfig(_Strict):
+    model: str = "shufflenetv2"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=3e-3, weight_decay=0.01, grad_clip=None))
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        return _check_model(value, "student")
+
+
+def _check_model(value: str, role: str) -> str:
+    from models import ModelError, get_spec
+
+    try:
+        return get_spec(value, role).name
+    except ModelError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class PipelineConfig(_Strict):
+    seed: int = Field(0, ge=0)
+    deterministic: bool = False
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named top-level sections: a stage's settings fingerprint."""
+        payload = {name: getattr(self, name) for name in sections}
+        text = json.dumps({k: (v.model_dump() if isinstance(v, BaseModel) else v) for k, v in payload.items()},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"invalid config: unknown field '{field}'"
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None else f" (got {got!r})"
+    return f"invalid config: {field}: {message}{shown}"
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Defaults < config file < overrides (nested dicts; ``None`` values are ignored)."""
+    data: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    data = _merge(data, _drop_none(overrides or {}))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise BadInputError(_describe(exc)) from None
+
+
+def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _drop_none(value)
+            if value:
+                out[key] = value
+        elif value is not None:
+            out[key] = value
+    return out
+
+
+def config_to_yaml(config: PipelineConfig, extra: dict[str, Any] | None = None) -> str:
+    data = config.model_dump()
+    if extra:
+        data = _merge(data, extra)
+    return yaml.safe_dump(data, sort_keys=False)

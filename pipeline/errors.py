@@ -1,0 +1,42 @@
+"""Failure classes of the pipeline, each with its own process exit code.
+
+The CLI turns any of these into one line on stderr (no traceback unless
+``--debug``) and exits with the class's code, so scripts can tell a bad
+input from a failed equivalence gate or a diverged training run.
+"""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class: a failure the user can act on, reported in one line."""
+
+    exit_code = 1
+
+
+class BadInputError(PipelineError):
+    """Unknown names, invalid settings, missing or corrupt files."""
+
+    exit_code = 2
+
+
+class GateFailedError(PipelineError):
+    """A numerical equivalence check failed."""
+
+    exit_code = 3
+
+
+class TrainingDivergedError(PipelineError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 4
+
+
+class ExportError(PipelineError):
+    """An exporter or runtime failed to produce or load an artifact."""
+
+    exit_code = 5
+
+
+def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> BadInputError:
+    """The standard error for a name that is not registered."""
+    return BadInputError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")

@@ -1,0 +1,69 @@
+"""Shared fixtures: small real data files on disk and a runner for the real `pipeline` CLI."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an unsigned-byte IDX file (gzip when the name ends in .gz)."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def make_stripes(n: int, seed: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 images that survive crop/flip augmentation: class c is a centred square
+    whose brightness grows with c, on noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 25, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 7:21, 7:21] += 20 + (200 // (classes - 1)) * c
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def stripes_root(tmp_path_factory) -> Path:
+    """A Fashion-MNIST-format dataset (gzip IDX files) of 640 train / 200 test stripe images."""
+    root = tmp_path_factory.mktemp("stripes")
+    for split, n, seed in (("train", 640, 1), ("t10k", 200, 2)):
+        images, labels = make_stripes(n, seed)
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fashion_root() -> Path:
+    if not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (scripts/bootstrap.sh installs it)")
+    return DEBIAN_FASHION
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Run the real CLI in a subprocess (as a user would)."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder (to prove nothing was touched)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

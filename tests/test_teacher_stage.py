@@ -1,0 +1,203 @@
+"""The teacher stage through the real CLI: outputs, skip, SIGKILL + resume, and bad input."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from models import build_model
+from tests.conftest import ROOT, run_cli, tree_digest
+
+TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, stripes_root) -> Path:
+    """A run directory whose Swin teacher stage finished (2 epochs on 320 stripe images)."""
+    run_dir = tmp_path_factory.mktemp("run") / "run"
+    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
+                     "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_teacher_writes_its_outputs(finished_run):
+    stage = finished_run / "teacher"
+    for name in ("model.pt", "metrics.json", "metrics.jsonl", "stage.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (stage / name).is_file(), name
+    state = torch.load(stage / "model.pt", weights_only=True)
+    model, _, _ = build_model("swin", 10, 32)
+    model.load_state_dict(state, strict=True)
+    metrics = yaml.safe_load((stage / "metrics.json").read_text())
+    assert 0 <= metrics["top1"] <= 100 and metrics["epochs"] == 2 and metrics["precision"] == "fp32"
+    assert len((stage / "metrics.jsonl").read_text().splitlines()) == 2
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert config["teacher"]["model"] == "swin_t"
+    assert config["teacher"]["window_per_stage"] == [4, 4, 2, 1]  # the window choice is recorded
+    assert config["data"]["image_size"] == 32
+
+
+def test_second_identical_command_skips(finished_run, stripes_root):
+    before = tree_digest(finished_run)
+    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
+                     "--run-dir", str(finished_run), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "skipping" in result.stderr
+    assert tree_digest(finished_run) == before
+
+
+def test_saved_config_reproduces_the_settings(finished_run, stripes_root):
+    """--config RUN_DIR/config.yaml resolves to the same settings, so the stage is skipped."""
+    result = run_cli("teacher", "--config", str(finished_run / "config.yaml"), "--data-root", str(stripes_root),
+                     "--run-dir", str(finished_run), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "skipping" in result.stderr
+
+
+def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
+            "--subset", "640", "--eval-subset", "64", "--batch-size", "64", "--epochs", "4", "--precision", "fp32",
+            "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
+
+
+def test_sigkill_then_rerun_is_bit_identical(tmp_path, stripes_root):
+    reference = tmp_path / "reference"
+    subprocess.run(_teacher_cmd(reference, stripes_root), check=True, capture_output=True, cwd=ROOT, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_teacher_cmd(killed, stripes_root), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    checkpoint = killed / "teacher" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "teacher" / "model.pt").exists()
+
+    resumed = subprocess.run(_teacher_cmd(killed, stripes_root), capture_output=True, text=True, cwd=ROOT,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming teacher from epoch" in resumed.stderr
+    a = torch.load(reference / "teacher" / "model.pt", weights_only=True)
+    b = torch.load(killed / "teacher" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _bad_weights(tmp_path: Path) -> str:
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return str(path)
+
+
+def _corrupt_images(tmp_path: Path) -> str:
+    from tests.test_data import _write_imagefolder
+
+    _write_imagefolder(tmp_path / "images")
+    (tmp_path / "images" / "val" / "cat" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return str(tmp_path / "images")
+
+
+def _bad_yaml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "unknown teacher": (lambda t: ["--teacher", "vit_h"], "unknown teacher 'vit_h'; valid: "),
+    "unknown dataset": (lambda t: ["--dataset", "mnist2"], "unknown dataset 'mnist2'; valid: fashion-mnist"),
+    "missing data root": (lambda t: ["--data-root", str(t / "nowhere")], "data root not found: "),
+    "corrupt image": (lambda t: ["--dataset", f"imagefolder:{_corrupt_images(t)}", "--image-size", "32",
+                                 "--workers", "1", "--subset", "4", "--batch-size", "2"],
+                      "corrupt or unreadable image file "),
+    "wrong-shape weights": (lambda t: ["--teacher", "resnet50", "--teacher-weights", _bad_weights(t)],
+                            "wrong shapes"),
+    "negative lr": (lambda t: ["--lr", "-1"], "teacher.train.lr"),
+    "zero epochs": (lambda t: ["--epochs", "0"], "teacher.train.epochs"),
+    "zero batch": (lambda t: ["--batch-size", "0"], "teacher.train.batch_size"),
+    "subset too large": (lambda t: ["--subset", "100000"], "data.subset: 100000 is larger than the split"),
+    "bad yaml value": (lambda t: ["--config", _bad_yaml(t, "teacher:\n  train:\n    lr: -0.5\n")],
+                       "teacher.train.lr"),
+    "unknown yaml field": (lambda t: ["--config", _bad_yaml(t, "teacher:\n  lr: 0.1\n")],
+                           "unknown field 'teacher.lr'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_touches_nothing(case, finished_run, stripes_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    before = tree_digest(run_dir)
+    extra, expected = BAD_INPUTS[case]
+    args = ["--data-root", str(stripes_root), "--epochs", "1", *TINY, *extra(tmp_path)]
+    result = run_cli("teacher", "--run-dir", str(run_dir), *args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert tree_digest(run_dir) == before
+
+
+def test_corrupt_checkpoint_is_named_and_kept(finished_run, stripes_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    (run_dir / "teacher" / "stage.json").unlink()  # an unfinished stage, so the checkpoint is read
+    (run_dir / "teacher" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 torn")
+    before = tree_digest(run_dir)
+    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
+                     "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 2
+    assert f"error: corrupt checkpoint {run_dir / 'teacher' / 'checkpoints' / 'last.pt'}" in result.stderr
+    assert "Traceback" not in result.stderr and tree_digest(run_dir) == before
+
+
+def test_debug_shows_traceback(stripes_root, tmp_path):
+    result = run_cli("--debug", "teacher", "--teacher", "vit_h", "--run-dir", str(tmp_path / "r"))
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_pretrained_offline_points_to_teacher_weights(stripes_root, tmp_path):
+    env = {"TORCH_HOME": str(tmp_path / "hub"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY":
+           "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
+    result = run_cli("teacher", "--teacher", "resnet34", "--pretrained", "--data-root", str(stripes_root),
+                     "--run-dir", str(tmp_path / "r"), *TINY, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "--teacher-weights" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrained_uses_torchvision_weights_api(stripes_root, tmp_path):
+    """With torchvision's weight file in the hub cache (as after an online run), --pretrained loads it."""
+    weights = torchvision.models.ResNet34_Weights.DEFAULT
+    cache = tmp_path / "hub" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    source = torchvision.models.resnet34()
+    torch.save(source.state_dict(), cache / Path(weights.url).name)
+    result = run_cli("teacher", "--teacher", "resnet34", "--pretrained", "--data-root", str(stripes_root),
+                     "--run-dir", str(tmp_path / "r"), "--epochs", "1", "--lr", "1e-12", "--warmup-epochs", "0",
+                     *TINY, env={"TORCH_HOME": str(tmp_path / "hub")})
+    assert result.returncode == 0, result.stderr
+    assert "classifier head replaced" in result.stderr
+    trained = torch.load(tmp_path / "r" / "teacher" / "model.pt", weights_only=True)
+    assert torch.allclose(trained["conv1.weight"], source.conv1.weight, atol=1e-6)
+
+
+def test_run_command_runs_existing_stages_and_names_the_rest(stripes_root, tmp_path):
+    result = run_cli("run", "--teacher", "swin", "--student", "shufflenetv2", "--data-root", str(stripes_root),
+                     "--epochs", "1", "--run-dir", str(tmp_path / "r"), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "still to come" in result.stderr and "distill" in result.stderr
+    assert (tmp_path / "r" / "teacher" / "model.pt").is_file()
