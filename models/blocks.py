@@ -98,8 +98,8 @@ class RepBlock(nn.Module):
 class BranchConvBN(RepBlock):
     """KDiffusion's distillation layer: ``m`` parallel conv+BN branches whose uniform mean is the output.
 
-    After each forward, ``branch_outputs`` holds the ``m`` pre-mean outputs
-    (with gradients) for the distillation loss. The mean of linear branches
+    After each training-mode forward, ``branch_outputs`` holds the ``m``
+    pre-mean outputs (with gradients) for the distillation loss. The mean of linear branches
     is itself linear, so :meth:`fused_kernel` is exact.
     """
 
@@ -118,8 +118,13 @@ class BranchConvBN(RepBlock):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outs = [bn(conv(x)) for conv, bn in zip(self.convs, self.bns)]
-        self.branch_outputs = outs
+        self.branch_outputs = outs if self.training else []  # only training losses read them
         return torch.stack(outs).mean(0)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["branch_outputs"] = []  # activations are not part of the block (and cannot be deep-copied)
+        return state
 
     def fused_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         folded = [conv_bn_kernel(c, b) for c, b in zip(self.convs, self.bns)]

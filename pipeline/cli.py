@@ -13,7 +13,7 @@ import click
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-STAGES_TO_COME = ("distill", "fuse", "export", "bench", "report")
+STAGES_TO_COME = ("distill (KD methods other than 'none')", "export", "bench", "report")
 
 
 def _setup_logging(level: str) -> None:
@@ -52,6 +52,14 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--teacher-weights", "weights", dict(help="torchvision-format state dict to start from")),
     ("--pretrained/--no-pretrained", "pretrained", dict(default=None, help="torchvision's ImageNet weights (online)")),
     ("--drop-path", "drop_path", dict(type=float, help="stochastic depth rate (Swin)")),
+]
+
+STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--method", "method", dict(help="distillation method (now: none = student alone)")),
+    ("--m", "m", dict(type=int, help="parallel branches per distillation point (1-8, default 4)")),
+    ("--points", "points", dict(type=click.Choice(["single", "multi"]), help="distillation points")),
+    ("--rep-blocks", "rep_blocks", dict(type=click.Choice(["none", "repvgg", "dbb"]),
+                                        help="re-parameterizable blocks for every other eligible conv+BN")),
 ]
 
 
@@ -144,14 +152,18 @@ def main(debug: bool, log_level: str) -> None:
     _setup_logging("debug" if debug else log_level)
 
 
-def _teacher_config(params: dict[str, Any], teacher: str | None):
+def _config(params: dict[str, Any], *groups, models: dict[str, str | None] | None = None):
     from pipeline.config import resolve_config
 
-    groups = (("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
     overrides = overrides_from(params, *groups)
-    if teacher:
-        overrides.setdefault("teacher", {})["model"] = teacher
+    for section, name in (models or {}).items():
+        if name:
+            overrides.setdefault(section, {})["model"] = name
     return resolve_config(params.get("config_file"), overrides)
+
+
+TEACHER_GROUPS = (("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+STUDENT_GROUPS = (("", DATA_OPTIONS), ("student", TRAIN_OPTIONS), ("student", STUDENT_OPTIONS))
 
 
 def _context(device: str):
@@ -167,35 +179,64 @@ def _context(device: str):
 
 @main.command()
 @click.option("--teacher", help="teacher model (default swin = swin_t); see `pipeline models`")
-@with_options(("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+@with_options(*TEACHER_GROUPS)
 @common_options
 @handle_errors
 def teacher(**params: Any) -> None:
     """Train or fine-tune the teacher; writes RUN_DIR/teacher/."""
     from pipeline.teacher import run_teacher
 
-    cfg = _teacher_config(params, params.pop("teacher"))
+    cfg = _config(params, *TEACHER_GROUPS, models={"teacher": params.pop("teacher")})
     run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
 
 
 @main.command()
 @click.option("--teacher", help="teacher model (default swin)")
 @click.option("--student", help="student model (default shufflenetv2)")
-@with_options(("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+@with_options(*TEACHER_GROUPS)
 @common_options
 @handle_errors
 def run(**params: Any) -> None:
     """Run every stage into one run directory (stages already finished are skipped)."""
     from pipeline.teacher import run_teacher
 
-    cfg = _teacher_config(params, params.pop("teacher"))
-    if params.get("student"):
-        cfg.student.model = params["student"]
+    cfg = _config(params, *TEACHER_GROUPS, models={"teacher": params.pop("teacher"), "student": params["student"]})
     result = run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
     log.info("run: teacher %s reached %.2f%% test top-1 -> %s", cfg.teacher.model, result["top1"],
              Path(params["run_dir"]) / "teacher")
     log.info("run: stages still to come (not implemented yet): %s; student %s is recorded in config.yaml",
              ", ".join(STAGES_TO_COME), cfg.student.model)
+
+
+@main.command()
+@click.option("--student", help="student model (default shufflenetv2); see `pipeline models`")
+@with_options(*STUDENT_GROUPS)
+@common_options
+@handle_errors
+def distill(**params: Any) -> None:
+    """Train the multi-branch student; writes RUN_DIR/student/."""
+    from pipeline.distill import run_distill
+
+    cfg = _config(params, *STUDENT_GROUPS, models={"student": params.pop("student")})
+    run_distill(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
+
+
+@main.command()
+@click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
+@click.option("--data-root", help="folder holding the dataset files (for the held-out images)")
+@click.option("--images", default=256, show_default=True, help="held-out images compared")
+@click.option("--fp64-tol", default=1e-9, show_default=True, help="max abs logit diff in float64")
+@click.option("--fp32-tol", default=1e-4, show_default=True,
+              help="max abs logit diff in float32, times max(1, max |logit|)")
+@click.option("--min-top1-agreement", default=100.0, show_default=True, help="percent")
+@handle_errors
+def fuse(run_dir: str, data_root: str | None, images: int, fp64_tol: float, fp32_tol: float,
+         min_top1_agreement: float) -> None:
+    """Fold the student's branches into the stock network, gated on numerical equivalence; writes RUN_DIR/fused/."""
+    from pipeline.equivalence import Tolerances
+    from pipeline.fuse import run_fuse
+
+    run_fuse(Path(run_dir), Tolerances(fp64_tol, fp32_tol, min_top1_agreement), data_root, images)
 
 
 @main.command()

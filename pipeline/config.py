@@ -78,7 +78,22 @@ class TeacherConfig(_Strict):
 
 class StudentConfig(_Strict):
     model: str = "shufflenetv2"
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=3e-3, weight_decay=0.01, grad_clip=None))
+    method: str = "none"
+    m: int = Field(4, ge=1, le=8, description="parallel branches at each distillation point")
+    points: Literal["single", "multi"] = "single"
+    rep_blocks: Literal["none", "repvgg", "dbb"] = "none"
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(lr=3e-3, weight_decay=0.01, grad_clip=None,
+                                                                   warmup_epochs=0.3))
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from pipeline.methods import get_method
+
+        try:
+            return get_method(value).name
+        except Exception as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("model")
     @classmethod

@@ -1,4 +1,4 @@
-"""Bookkeeping of one stage's folder inside the run directory.
+"""What every stage shares: its folder's bookkeeping, data preparation, and the training-stage flow.
 
 ``STAGE/stage.json`` is written last, atomically, when the stage's outputs
 are complete; its ``settings_hash`` tells a rerun whether the finished
@@ -7,11 +7,19 @@ outputs still match what was asked for.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import atomic_write_json, read_json
+import torch
+from torch import nn
+
+from pipeline.checkpoint import atomic_save, atomic_write_json, atomic_write_text, read_json
+from pipeline.config import PipelineConfig, TrainConfig, config_to_yaml
+from pipeline.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
+from pipeline.distributed import DistContext
+from pipeline.engine import fit, read_resume_state
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +51,62 @@ class Stage:
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}
         atomic_write_json(self.marker, record)
         return record
+
+
+def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
+    """Load the dataset and its subsets; returns (bundle, train split, test split, image size).
+
+    Fills ``cfg.data.image_size`` with the dataset's default when unset, so the
+    saved config is fully resolved.
+    """
+    data = cfg.data
+    bundle = load_dataset(data.dataset, data.data_root, data.download, data.image_size)
+    image_size = data.image_size or bundle.default_image_size
+    data.image_size = image_size
+    train = stratified_subset(bundle.train, data.subset, cfg.seed, "subset")
+    test = stratified_subset(bundle.test, data.eval_subset, cfg.seed, "eval_subset")
+    return bundle, train, test, image_size
+
+
+def data_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """The data settings that change what a model learns (not where the files are)."""
+    d = cfg.data
+    return {"dataset": d.dataset, "subset": d.subset, "eval_subset": d.eval_subset, "image_size": d.image_size,
+            "augment": d.augment}
+
+
+def set_deterministic(enabled: bool) -> None:
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = not enabled
+
+
+def train_stage(stage: Stage, cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, bundle: DataBundle,
+                train: Any, test: Any, image_size: int, task: nn.Module, train_cfg: TrainConfig, settings_hash: str,
+                arch: dict[str, Any], progress: bool | None) -> dict[str, Any]:
+    """Skip, resume or run one training stage; writes model.pt, metrics.json(l) and stage.json."""
+    done = stage.finished(settings_hash)
+    if done is not None:
+        log.info("%s: finished with these settings (test top-1 %.2f%%); skipping", stage.name, done["top1"])
+        return done
+    resume = read_resume_state(stage.dir, settings_hash)
+    set_deterministic(cfg.deterministic)
+    log.info("%s: %s on %s (%d train / %d test images, %dx%d, %s)", stage.name, arch["name"], bundle.name,
+             len(train), len(test), image_size, image_size, bundle.source)
+    prep = BatchPreprocessor(image_size, bundle.mean, bundle.std, seed=cfg.seed, augment=cfg.data.augment)
+    result = fit(task, train, test, prep, train_cfg, stage.dir, ctx, seed=cfg.seed, settings_hash=settings_hash,
+                 num_workers=cfg.data.num_workers, progress=progress, resume_state=resume, label=stage.name,
+                 on_checkpoint=lambda: atomic_write_text(Path(run_dir) / "config.yaml", config_to_yaml(cfg)))
+    summary = {**result.as_dict(), "dataset": bundle.name, "classes": bundle.classes, "mean": list(bundle.mean),
+               "std": list(bundle.std), "image_size": image_size, "arch": arch, "train_images": len(train),
+               "test_images": len(test), "world_size": ctx.world_size}
+    if ctx.is_main:
+        atomic_save(task.model.state_dict(), stage.dir / "model.pt")
+        atomic_write_json(stage.dir / "metrics.json", summary)
+        summary = stage.mark_complete(settings_hash, ["model.pt", "metrics.json", "metrics.jsonl"], summary)
+    ctx.barrier()
+    log.info("%s: test top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s of training", stage.name, result.top1,
+             result.best_top1, result.best_epoch, result.train_time_s)
+    return summary

@@ -1,0 +1,88 @@
+"""The fuse stage (``pipeline fuse``): fold the student's branches into the stock architecture, proven equal.
+
+Reads ``RUN_DIR/student/{model.pt, metrics.json}``, writes ``RUN_DIR/fused/``:
+``model.pt`` (plain state dict that loads strictly into the torchvision
+class), ``model.json`` (what is needed to rebuild and feed it) and
+``equivalence.json``. A failed gate exits non-zero (code 3) and writes no
+model; ``RUN_DIR/student/`` is only read.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import ModelError, get_spec
+from models.reparam import build_multibranch_student, fuse_model
+from pipeline.checkpoint import atomic_save, atomic_write_json, load_checkpoint, read_json
+from pipeline.data import BatchPreprocessor, load_dataset, stratified_subset
+from pipeline.equivalence import Tolerances, fusion_checks, gate
+from pipeline.errors import BadInputError
+from pipeline.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+def load_student(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the multi-branch student saved by the distill stage."""
+    student_dir = Path(run_dir) / "student"
+    meta = read_json(student_dir / "metrics.json")
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise BadInputError(f"no finished student in {student_dir} (metrics.json missing or unreadable); "
+                            "run `pipeline distill` first")
+    arch = meta["arch"]
+    mb = arch.get("multibranch", {})
+    try:
+        model, _ = build_multibranch_student(arch["name"], arch["num_classes"], arch["image_size"], mb.get("m", 1),
+                                             mb.get("points", "single"), mb.get("rep_blocks", "none"))
+    except ModelError as exc:
+        raise BadInputError(f"cannot rebuild the student of {student_dir}: {exc}") from None
+    state = load_checkpoint(student_dir / "model.pt", "student checkpoint")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BadInputError(f"student checkpoint {student_dir / 'model.pt'} does not match its metrics.json: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return model, meta
+
+
+def held_out_images(meta: dict[str, Any], data_root: str | None, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` preprocessed images of the test split the student was evaluated on."""
+    bundle = load_dataset(meta["dataset"], data_root, False, meta["image_size"])
+    test = stratified_subset(bundle.test, min(count, len(bundle.test)), seed, "eval_subset")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    return BatchPreprocessor(meta["image_size"], bundle.mean, bundle.std)(images)
+
+
+def run_fuse(run_dir: Path, tol: Tolerances, data_root: str | None = None, images: int = 256) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    model, meta = load_student(run_dir)
+    real = held_out_images(meta, data_root, images)
+    checks = fusion_checks(model, fuse_model, real, meta["image_size"], tol)
+    stage = Stage(run_dir, "fused")
+    report = {"passed": all(c.passed for c in checks), "tolerances": vars(tol),
+              "checks": [c.as_dict() for c in checks]}
+    atomic_write_json(stage.dir / "equivalence.json", report)
+    for c in checks:
+        log.info("fuse: %-30s %-7s max abs diff %.2e (tol %.1e), top-1 agreement %.1f%% -> %s", c.name, c.dtype,
+                 c.max_abs_diff, c.tolerance, c.top1_agreement, "ok" if c.passed else "FAILED")
+    if not report["passed"]:
+        stage.marker.unlink(missing_ok=True)
+        (stage.dir / "model.pt").unlink(missing_ok=True)
+    gate(checks, "fusion")
+
+    fused = fuse_model(model.float())
+    arch = meta["arch"]
+    spec = get_spec(arch["name"])
+    info = {"architecture": spec.torchvision_name, "zoo_name": spec.name, "num_classes": arch["num_classes"],
+            "classes": meta["classes"], "input_size": [3, meta["image_size"], meta["image_size"]],
+            "channel_order": "RGB", "mean": meta["mean"], "std": meta["std"],
+            "pixel_scale": "divide uint8 pixels by 255, then subtract mean and divide by std",
+            "source": str(run_dir / "student" / "model.pt"), "multibranch": arch.get("multibranch")}
+    atomic_save(fused.state_dict(), stage.dir / "model.pt")
+    atomic_write_json(stage.dir / "model.json", info)
+    stage.mark_complete("", ["model.pt", "model.json", "equivalence.json"], {"architecture": spec.torchvision_name})
+    log.info("fuse: %s fused into stock %s -> %s", arch["name"], spec.torchvision_name, stage.dir / "model.pt")
+    return report
