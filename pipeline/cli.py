@@ -31,6 +31,8 @@ DATA_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--subset", "data.subset", dict(type=int, help="train on N images (stratified, seeded)")),
     ("--eval-subset", "data.eval_subset", dict(type=int, help="evaluate on N test images (default: all)")),
     ("--image-size", "data.image_size", dict(type=int, help="model input side (default: 32 for 28-32px data)")),
+    ("--augment", "data.augment", dict(type=click.Choice(["crop-flip", "flip", "none"]),
+                                       help="training augmentation (default crop-flip)")),
     ("--workers", "data.num_workers", dict(type=int, help="data-loader processes (image folders)")),
     ("--seed", "seed", dict(type=int, help="random seed (default 0)")),
     ("--deterministic/--no-deterministic", "deterministic", dict(default=None, help="deterministic algorithms")),

@@ -375,11 +375,13 @@ class BatchPreprocessor:
     """
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int = 0,
-                 augment: bool = True):
+                 augment: str = "crop-flip"):
+        if augment not in ("crop-flip", "flip", "none"):
+            raise ValueError(f"unknown augmentation '{augment}'; valid: crop-flip, flip, none")
         self.size = image_size
         self.seed = seed
-        self.augment_enabled = augment
-        self.pad = crop_padding(image_size)
+        self.augment_enabled = augment != "none"
+        self.pad = crop_padding(image_size) if augment == "crop-flip" else 0
         self._mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(std).view(1, 3, 1, 1) * 255
         self._epoch_params: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -408,7 +410,7 @@ class BatchPreprocessor:
         offsets, flips = self._params(epoch, dataset_size)
         offsets, flips = offsets[indices].to(x.device), flips[indices].to(x.device)
         p, s = self.pad, self.size
-        padded = F.pad(x, (p, p, p, p))
+        padded = F.pad(x, (p, p, p, p)) if p else x
         ar = torch.arange(s, device=x.device)
         rows = (offsets[:, 0:1] + ar).unsqueeze(2)  # B x s x 1
         cols = offsets[:, 1:2] + ar  # B x s

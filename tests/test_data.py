@@ -163,3 +163,15 @@ def test_augmentation_depends_on_sample_not_batch():
     assert not torch.equal(whole, prep(images))  # eval transform is not augmented
     # every augmented image is a shifted (maybe flipped) copy: its pixel sum is preserved up to the border
     assert whole.shape == (8, 3, 32, 32)
+
+
+def test_flip_only_and_no_augmentation():
+    images = torch.randint(0, 255, (16, 1, 32, 32), dtype=torch.uint8)
+    idx = torch.arange(16)
+    flip = BatchPreprocessor(32, (0.0,) * 3, (1 / 255,) * 3, augment="flip")(images, idx, 0, 16)
+    plain = BatchPreprocessor(32, (0.0,) * 3, (1 / 255,) * 3)(images)
+    flipped = torch.tensor([torch.equal(f, p.flip(-1)) for f, p in zip(flip, plain)])
+    kept = torch.tensor([torch.equal(f, p) for f, p in zip(flip, plain)])
+    assert bool((flipped | kept).all()) and flipped.any() and kept.any()
+    none = BatchPreprocessor(32, (0.0,) * 3, (1 / 255,) * 3, augment="none")(images, idx, 0, 16)
+    assert torch.equal(none, plain)

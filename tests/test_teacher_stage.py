@@ -122,7 +122,7 @@ BAD_INPUTS = {
     "unknown dataset": (lambda t: ["--dataset", "mnist2"], "unknown dataset 'mnist2'; valid: fashion-mnist"),
     "missing data root": (lambda t: ["--data-root", str(t / "nowhere")], "data root not found: "),
     "corrupt image": (lambda t: ["--dataset", f"imagefolder:{_corrupt_images(t)}", "--image-size", "32",
-                                 "--workers", "1", "--subset", "4", "--batch-size", "2"],
+                                 "--workers", "1", "--subset", "4", "--eval-subset", "6", "--batch-size", "2"],
                       "corrupt or unreadable image file "),
     "wrong-shape weights": (lambda t: ["--teacher", "resnet50", "--teacher-weights", _bad_weights(t)],
                             "wrong shapes"),
