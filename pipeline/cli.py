@@ -13,7 +13,7 @@ import click
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
-STAGES_TO_COME = ("distill (KD methods other than 'none')", "export", "bench", "report")
+STAGES_TO_COME = ("export", "bench", "report")
 
 
 def _setup_logging(level: str) -> None:
@@ -57,11 +57,14 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="distillation method (now: none = student alone)")),
+    ("--method", "method", dict(help="kdiffusion (default), kd, dkd, fitnet, at, none (student alone)")),
+    ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
     ("--m", "m", dict(type=int, help="parallel branches per distillation point (1-8, default 4)")),
     ("--points", "points", dict(type=click.Choice(["single", "multi"]), help="distillation points")),
     ("--rep-blocks", "rep_blocks", dict(type=click.Choice(["none", "repvgg", "dbb"]),
                                         help="re-parameterizable blocks for every other eligible conv+BN")),
+    ("--method-option", "method_options", dict(multiple=True, callback=lambda c, p, v: parse_method_options(v) or None,
+                                               help="KEY=VALUE option of the method (repeatable), e.g. temperature=4")),
 ]
 
 
@@ -81,20 +84,34 @@ def with_options(*groups: tuple[str, list[tuple[str, str, dict[str, Any]]]]) -> 
     return decorate
 
 
+def parse_method_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """KEY=VALUE pairs; values are read as YAML scalars (numbers, booleans, words)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got '{pair}'", param_hint="--method-option")
+        options[key.strip()] = yaml.safe_load(value)
+    return options
+
+
 def overrides_from(params: dict[str, Any], *groups: tuple[str, list[tuple[str, str, dict[str, Any]]]]) -> dict:
     """Nested config overrides from the parsed options (None = not given)."""
     tree: dict[str, Any] = {}
     for prefix, options in groups:
-        for flag, path, _ in options:
+        for flag, paths, _ in options:
             value = params.get(_param_name(flag))
             if value is None:
                 continue
-            full = f"{prefix}.{path}" if prefix else path
-            node = tree
-            *parents, leaf = full.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
+            for path in paths.split(","):  # a flag may set several fields ("a.x,b.x")
+                full = f"{prefix}.{path}" if prefix else path
+                node = tree
+                *parents, leaf = full.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
     return tree
 
 
@@ -165,6 +182,18 @@ def _config(params: dict[str, Any], *groups, models: dict[str, str | None] | Non
 
 
 TEACHER_GROUPS = (("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
+# `run`: the budget flags apply to both training stages, per-stage flags override them.
+RUN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--epochs", "teacher.train.epochs,student.train.epochs", dict(type=int, help="epochs of both training stages")),
+    ("--batch-size", "teacher.train.batch_size,student.train.batch_size", dict(type=int, help="global batch size")),
+    ("--precision", "teacher.train.precision,student.train.precision",
+     dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]))),
+    ("--teacher-epochs", "teacher.train.epochs", dict(type=int)),
+    ("--student-epochs", "student.train.epochs", dict(type=int)),
+    ("--teacher-lr", "teacher.train.lr", dict(type=float)),
+    ("--student-lr", "student.train.lr", dict(type=float)),
+]
+RUN_GROUPS = (("", DATA_OPTIONS), ("", RUN_OPTIONS), ("teacher", TEACHER_OPTIONS), ("student", STUDENT_OPTIONS))
 STUDENT_GROUPS = (("", DATA_OPTIONS), ("student", TRAIN_OPTIONS), ("student", STUDENT_OPTIONS))
 
 
@@ -195,19 +224,26 @@ def teacher(**params: Any) -> None:
 @main.command()
 @click.option("--teacher", help="teacher model (default swin)")
 @click.option("--student", help="student model (default shufflenetv2)")
-@with_options(*TEACHER_GROUPS)
+@with_options(*RUN_GROUPS)
 @common_options
 @handle_errors
 def run(**params: Any) -> None:
-    """Run every stage into one run directory (stages already finished are skipped)."""
+    """Run every stage into one run directory: teacher -> distill -> fuse (finished stages are skipped)."""
+    from pipeline.distill import run_distill
+    from pipeline.equivalence import Tolerances
+    from pipeline.fuse import run_fuse
     from pipeline.teacher import run_teacher
 
-    cfg = _config(params, *TEACHER_GROUPS, models={"teacher": params.pop("teacher"), "student": params["student"]})
-    result = run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
-    log.info("run: teacher %s reached %.2f%% test top-1 -> %s", cfg.teacher.model, result["top1"],
-             Path(params["run_dir"]) / "teacher")
-    log.info("run: stages still to come (not implemented yet): %s; student %s is recorded in config.yaml",
-             ", ".join(STAGES_TO_COME), cfg.student.model)
+    cfg = _config(params, *RUN_GROUPS, models={"teacher": params.pop("teacher"), "student": params.pop("student")})
+    run_dir, ctx = Path(params["run_dir"]), _context(params["device"])
+    teacher = run_teacher(cfg, run_dir, ctx, params["progress"])
+    student = run_distill(cfg, run_dir, ctx, params["progress"])
+    if ctx.is_main:
+        run_fuse(run_dir, Tolerances(), cfg.data.data_root)
+    log.info("run: teacher %s %.2f%%, student %s (method %s) %.2f%% test top-1; fused student in %s",
+             cfg.teacher.model, teacher["top1"], cfg.student.model, cfg.student.method, student["top1"],
+             run_dir / "fused")
+    log.info("run: stages still to come (not implemented yet): %s", ", ".join(STAGES_TO_COME))
 
 
 @main.command()

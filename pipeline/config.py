@@ -85,7 +85,9 @@ class TeacherConfig(_Strict):
 
 class StudentConfig(_Strict):
     model: str = "shufflenetv2"
-    method: str = "none"
+    method: str = "kdiffusion"
+    method_options: dict[str, Any] = Field(default_factory=dict, description="options of the method, by name")
+    teacher_ckpt: Optional[str] = Field(None, description="teacher model.pt (default RUN_DIR/teacher/model.pt)")
     m: int = Field(4, ge=1, le=8, description="parallel branches at each distillation point")
     points: Literal["single", "multi"] = "single"
     rep_blocks: Literal["none", "repvgg", "dbb"] = "none"

@@ -2,38 +2,170 @@
 
 Writes ``RUN_DIR/student/{model.pt, metrics.json, metrics.jsonl, stage.json}``;
 ``model.pt`` holds the multi-branch student only (no teacher, projector or
-loss state) and ``metrics.json`` records how to rebuild it.
+loss state) and ``metrics.json`` records how to rebuild it. Methods that
+need a teacher read ``RUN_DIR/teacher/model.pt`` (or ``--teacher-ckpt``).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
-from models import ModelError
+import torch
+
+from models import FeatureTaps, ModelError, TapSpec, build_model, get_spec
+from models.heads import next_part
 from models.reparam import build_multibranch_student
+from pipeline.checkpoint import load_checkpoint, read_json, seed_everything
 from pipeline.config import PipelineConfig
+from pipeline.data import BatchPreprocessor, DataBundle
 from pipeline.distributed import DistContext
 from pipeline.errors import BadInputError
-from pipeline.methods import DistillTask, get_method
+from pipeline.methods import DistillTask, FrozenTeacher, KDMethod, get_method
 from pipeline.stage import Stage, data_settings, prepare_data, train_stage
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a finished teacher from its ``model.pt`` and the ``metrics.json`` beside it."""
+    meta = read_json(path.parent / "metrics.json")
+    if not isinstance(meta, dict) or "arch" not in meta:
+        raise BadInputError(f"no teacher metadata at {path.parent / 'metrics.json'}; train it with "
+                            "`pipeline teacher` or give --teacher-ckpt DIR/teacher/model.pt")
+    arch = meta["arch"]
+    if arch["num_classes"] != bundle.num_classes:
+        raise BadInputError(f"teacher checkpoint {path} has {arch['num_classes']} classes but dataset "
+                            f"{bundle.name} has {bundle.num_classes}")
+    if arch["image_size"] != image_size:
+        raise BadInputError(f"teacher checkpoint {path} was trained at {arch['image_size']}x{arch['image_size']} "
+                            f"but the student runs at {image_size}x{image_size} (set --image-size)")
+    spec = get_spec(arch["name"])
+    options = {k: arch[k] for k in ("window_per_stage", "drop_path") if k in arch and k in spec.options}
+    try:
+        model, _, _ = build_model(spec.name, arch["num_classes"], image_size, **options)
+        model.load_state_dict(load_checkpoint(path, "teacher checkpoint"), strict=True)
+    except (ModelError, RuntimeError) as exc:
+        raise BadInputError(f"teacher checkpoint {path} does not match its metadata: "
+                            f"{str(exc).splitlines()[0]}") from None
+    return model, meta
+
+
+@torch.no_grad()
+def choose_teacher_precision(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """bf16 for the teacher only where it is faster *and* agrees with fp32 (top-1 on this batch, logit diff)."""
+    model = model.to(device).eval()
+    timings, logits = {}, {}
+    for precision in ("fp32", "bf16"):
+        teacher = FrozenTeacher(model, precision)
+        teacher(images)  # warm-up
+        start = time.perf_counter()
+        logits[precision] = teacher(images)
+        timings[precision] = time.perf_counter() - start
+    diff = (logits["bf16"] - logits["fp32"]).abs().max().item()
+    agree = 100.0 * (logits["bf16"].argmax(1) == logits["fp32"].argmax(1)).float().mean().item()
+    scale = max(1.0, logits["fp32"].abs().max().item())
+    use_bf16 = timings["bf16"] < timings["fp32"] and agree == 100.0 and diff <= 0.05 * scale
+    report = {"precision": "bf16" if use_bf16 else "fp32", "fp32_s": round(timings["fp32"], 4),
+              "bf16_s": round(timings["bf16"], 4), "bf16_max_abs_logit_diff": diff, "bf16_top1_agreement": agree}
+    log.info("teacher forward: %s (bf16 %.3fs vs fp32 %.3fs per batch, max |logit diff| %.3g, top-1 agreement %.1f%%)",
+             report["precision"], timings["bf16"], timings["fp32"], diff, agree)
+    return report
+
+
+def sample_input(train: Any, bundle: DataBundle, image_size: int, ctx: DistContext, n: int = 64) -> torch.Tensor:
+    """A preprocessed batch of training images (for measurements and shape discovery)."""
+    images = torch.stack([train[i][0] for i in range(min(len(train), n))]).to(ctx.device)
+    return BatchPreprocessor(image_size, bundle.mean, bundle.std)(images)
+
+
+TEACHER_TAPS_FOR_POINTS = ("stage4", "stage3", "stage2")  # the student's points, last first, pair with these
+
+
+def setup_feature_method(method: KDMethod, student: torch.nn.Module, teacher: FrozenTeacher,
+                         points: list[dict[str, str]], m: int, images: torch.Tensor) -> None:
+    """Pair each distillation point with a teacher stage, find both shapes, and build the method's modules."""
+    teacher_taps = list(TEACHER_TAPS_FOR_POINTS[:len(points)])
+    missing = [t for t in teacher_taps if t not in teacher.taps]
+    if missing:
+        raise BadInputError(f"teacher has no feature tap(s) {', '.join(missing)} for {len(points)} points")
+    _, teacher_feats = teacher.with_features(images[:2], teacher_taps)
+    student_taps = {p["tap"]: TapSpec(p["conv"]) for p in points}
+    was_training = student.training
+    student.eval()
+    with torch.no_grad(), FeatureTaps(student, student_taps) as taps:
+        student(images[:2])
+    student.train(was_training)
+    pairs = [(p["tap"], t, tuple(taps.features[p["tap"]].shape[1:]), tuple(teacher_feats[t].shape[1:]))
+             for p, t in zip(points, teacher_taps)]
+    heads = {}
+    for t in teacher_taps:
+        try:
+            heads[t] = next_part(teacher.model, t)
+        except ModelError:
+            heads[t] = None  # no guidance for this teacher
+    method.setup(m, pairs, heads)
+    log.info("distillation points: %s", ", ".join(f"student {s} {ss} <- teacher {t} {ts}" for s, t, ss, ts in pairs))
+
+
+def make_method(cls: type[KDMethod], options: dict[str, Any], label_smoothing: float) -> KDMethod:
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise BadInputError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
+                            f"valid: {', '.join(sorted(set(valid) - {'label_smoothing'})) or 'none'}")
+    try:
+        return cls(label_smoothing=label_smoothing, **options)
+    except ValueError as exc:
+        raise BadInputError(f"method '{cls.name}': {exc}") from None
 
 
 def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: bool | None = None) -> dict[str, Any]:
     s = cfg.student
+    run_dir = Path(run_dir)
+    seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
     method_cls = get_method(s.method)
-    if method_cls.needs_teacher:
-        raise BadInputError(f"method '{s.method}' needs a teacher, which this version cannot load yet")
     bundle, train, test, image_size = prepare_data(cfg)
+    method = make_method(method_cls, dict(s.method_options), s.train.label_smoothing)
     try:
         model, arch = build_multibranch_student(s.model, bundle.num_classes, image_size, s.m, s.points,
                                                 s.rep_blocks)
     except ModelError as exc:
         raise BadInputError(str(exc)) from None
+    teacher, teacher_info = None, None
+    if method_cls.needs_teacher:
+        ckpt = Path(s.teacher_ckpt) if s.teacher_ckpt else run_dir / "teacher" / "model.pt"
+        teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size)
+        teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"), "model": teacher_meta["arch"]["name"],
+                        **choose_teacher_precision(teacher_model, sample_input(train, bundle, image_size, ctx),
+                                                   ctx.device)}
+        teacher = FrozenTeacher(teacher_model, teacher_info["precision"], get_spec(teacher_info["model"]).taps)
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
                                               "data": data_settings(cfg), "student": s.model_dump()})
     settings_hash = settings.section_hash("seed", "deterministic", "data", "student")
-    task = DistillTask(model, method_cls(label_smoothing=s.train.label_smoothing))
+    if teacher_info:  # another teacher means another distillation
+        teacher_info["sha256"] = file_sha256(Path(teacher_info["checkpoint"]))
+        settings_hash += "-" + teacher_info["sha256"][:16]
+    points = arch["multibranch"]["distill_points"]
+    if hasattr(method, "setup"):
+        if teacher is None:
+            raise BadInputError(f"method '{s.method}' needs a teacher")
+        setup_feature_method(method, model, teacher, points, s.m, sample_input(train, bundle, image_size, ctx))
+    task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points})
     arch["method"] = s.method
+    arch["method_options"] = dict(s.method_options)
+    arch["teacher"] = teacher_info
     return train_stage(Stage(run_dir, "student"), cfg, run_dir, ctx, bundle=bundle, train=train, test=test,
                        image_size=image_size, task=task, train_cfg=s.train, settings_hash=settings_hash, arch=arch,
                        progress=progress)

@@ -292,6 +292,8 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False,
                    dynamic_ncols=True, mininterval=1.0)
         for step, (images, labels, idx) in enumerate(bar):
+            if hasattr(task, "set_progress"):
+                task.set_progress(epoch + step / steps_per_epoch)
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
             x = prep(images, idx, epoch, len(train_set))
             with autocast(ctx.device, precision):

@@ -15,6 +15,7 @@ from torch import nn
 from models import build_model, get_spec
 from models.errors import ModelError
 from models.weights import load_matching, read_state_dict
+from pipeline.checkpoint import seed_everything
 from pipeline.config import PipelineConfig
 from pipeline.distributed import DistContext
 from pipeline.errors import BadInputError
@@ -58,6 +59,7 @@ def build_teacher(cfg: PipelineConfig, num_classes: int, image_size: int) -> tup
 
 def run_teacher(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: bool | None = None) -> dict[str, Any]:
     """Run (or skip, or resume) the teacher stage; returns its metrics."""
+    seed_everything(cfg.seed)  # the initial weights are part of what a seed fixes
     bundle, train, test, image_size = prepare_data(cfg)
     model, arch = build_teacher(cfg, bundle.num_classes, image_size)
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,

@@ -1,0 +1,147 @@
+"""Distillation methods, found by name through a registry.
+
+A method is one ``nn.Module`` class with one job: given the student's (and,
+when it needs one, the teacher's) logits and feature taps plus the labels,
+return a dict of named loss tensors; the training loss is their sum. A
+method owns its training-only modules (projectors and the like), which live
+in the training task and never in the saved student.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.taps import FeatureTaps
+from pipeline.errors import unknown_name
+
+_METHODS: dict[str, type["KDMethod"]] = {}
+
+
+def register_method(name: str) -> Callable[[type["KDMethod"]], type["KDMethod"]]:
+    def add(cls: type["KDMethod"]) -> type["KDMethod"]:
+        if name in _METHODS:
+            raise ValueError(f"method '{name}' registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type["KDMethod"]:
+    if name not in _METHODS:
+        raise unknown_name("method", name, method_names())
+    return _METHODS[name]
+
+
+def check(condition: bool, message: str) -> None:
+    """Option validation: a ValueError that the stage reports as bad input."""
+    if not condition:
+        raise ValueError(message)
+
+
+class KDMethod(nn.Module):
+    name = "base"
+    needs_teacher = True
+
+    def __init__(self, label_smoothing: float = 0.0, **options: Any):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.epoch_progress = 0.0  # fractional epochs done, set by the task each step (for warm-ups)
+
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
+    def losses(self, *, student_logits: torch.Tensor, labels: torch.Tensor,
+               student_feats: dict[str, torch.Tensor] | None = None, teacher_logits: torch.Tensor | None = None,
+               teacher_feats: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+@register_method("none")
+class StudentAlone(KDMethod):
+    """No teacher: the multi-branch student trained with cross-entropy alone (the baseline)."""
+
+    needs_teacher = False
+
+    def losses(self, *, student_logits, labels, **_: Any) -> dict[str, torch.Tensor]:
+        return {"ce": self.cross_entropy(student_logits, labels)}
+
+
+class FrozenTeacher:
+    """The teacher on the side of a distillation: eval mode, no gradients, run once per batch.
+
+    Deliberately not an ``nn.Module`` attribute of the task, so its weights are
+    neither trained, synchronised by DDP nor saved in checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", taps: dict | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.precision = precision
+        self.taps = taps or {}
+
+    def to(self, device: torch.device) -> "FrozenTeacher":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model(images).float()
+
+    def with_features(self, images: torch.Tensor, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits and the named NCHW feature taps (float32, no gradients) in one forward pass."""
+        if not names:
+            return self(images), {}
+        with FeatureTaps(self.model, self.taps, names) as taps:
+            logits = self(images)
+        return logits, {k: v.float() for k, v in taps.features.items()}
+
+
+class DistillTask(nn.Module):
+    """The engine's task for the distill stage: the student (saved) plus the method (training only)."""
+
+    def __init__(self, student: nn.Module, method: KDMethod, teacher: FrozenTeacher | None = None,
+                 point_paths: dict[str, str] | None = None):
+        super().__init__()
+        self.model = student
+        self.method = method
+        self.teacher = teacher
+        self.point_paths = dict(point_paths or {})  # distillation point tap -> branch block path
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "teacher":  # a plain attribute, never a submodule (see FrozenTeacher)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse: bool = True):  # .to(device) moves the teacher along
+        if self.teacher is not None:
+            self.teacher.model._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def set_progress(self, epochs_done: float) -> None:
+        self.method.epoch_progress = epochs_done
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        teacher_logits, teacher_feats = None, {}
+        if self.teacher is not None:
+            teacher_logits, teacher_feats = self.teacher.with_features(images, getattr(self.method, "teacher_taps", []))
+        logits = self.model(images)
+        branches = {tap: self.model.get_submodule(path).branch_outputs for tap, path in self.point_paths.items()}
+        losses = self.method.losses(student_logits=logits, labels=labels, teacher_logits=teacher_logits,
+                                    teacher_feats=teacher_feats, branches=branches)
+        losses["loss"] = sum(losses.values())
+        return logits, losses
+
+
+# The methods register themselves on import.
+from pipeline.methods import feature, kdiffusion, logit  # noqa: E402,F401

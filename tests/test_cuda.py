@@ -1,0 +1,38 @@
+"""CUDA code paths (autocast dtypes, gradient scaling); they skip, saying why, on machines without a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.data import ArrayImages, BatchPreprocessor
+from pipeline.distributed import DistContext
+from pipeline.engine import fit
+from pipeline.tasks import SupervisedTask
+from tests.conftest import make_stripes
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="CUDA is not available here; these paths run on GPU machines")
+
+
+@needs_cuda
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16"])
+def test_training_on_cuda(tmp_path, precision):
+    images, labels = make_stripes(256, 0, classes=4)
+    split = ArrayImages(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype("int64")))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                          nn.Flatten(), nn.Linear(64, 10))
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, precision=precision, warmup_epochs=0)
+    result = fit(SupervisedTask(model), split, split, BatchPreprocessor(32, (0.5,) * 3, (0.5,) * 3), cfg, tmp_path,
+                 DistContext(device=torch.device("cuda", 0)), seed=0, settings_hash="h", progress=False)
+    expected = {"auto": "bf16" if torch.cuda.is_bf16_supported() else "fp16"}.get(precision, precision)
+    assert result.precision == expected and result.top1 > 50
+
+
+def test_fp16_on_cpu_is_refused():
+    from pipeline.engine import choose_precision
+    from pipeline.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="fp16 is only supported on CUDA"):
+        choose_precision("fp16", nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), DistContext())

@@ -1,0 +1,81 @@
+"""The distill stage with a teacher (kd, dkd) through the real CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli, tree_digest
+
+TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def with_teacher(tmp_path_factory, stripes_root) -> Path:
+    run_dir = tmp_path_factory.mktemp("distill") / "run"
+    result = run_cli("teacher", "--teacher", "resnet34", "--data-root", str(stripes_root), "--epochs", "2",
+                     "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+@pytest.mark.parametrize("method,options", [
+    ("kd", ["--method-option", "temperature=2"]),
+    ("dkd", ["--method-option", "beta=4", "--method-option", "warmup=1"]),
+    ("fitnet", ["--points", "multi"]),
+    ("at", ["--points", "multi"]),
+    ("kdiffusion", ["--m", "2", "--method-option", "lambda_kd=0.5"]),
+])
+def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with_teacher, stripes_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(with_teacher, run_dir)
+    teacher_before = tree_digest(run_dir / "teacher")
+    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", method, *options, "--data-root",
+                     str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "teacher forward:" in result.stderr  # precision choice with its measured logit difference
+    meta = json.loads((run_dir / "student" / "metrics.json").read_text())
+    assert meta["arch"]["method"] == method and meta["arch"]["teacher"]["sha256"]
+    state = torch.load(run_dir / "student" / "model.pt", weights_only=True)
+    assert not any(k.startswith(("teacher", "method", "layer")) for k in state), "teacher/loss state leaked"
+    assert any(k.startswith("conv5.0.convs.") for k in state)
+    fused = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32")
+    assert fused.returncode == 0, fused.stderr
+    assert tree_digest(run_dir / "teacher") == teacher_before
+
+
+def _two_class_folder(root: Path) -> str:
+    from tests.test_data import _write_imagefolder
+
+    _write_imagefolder(root)
+    return str(root)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--method", "kd", "--method-option", "alpha=1.5"], "method 'kd': alpha must be in [0, 1]"),
+    (["--method", "dkd", "--method-option", "beta=-1"], "method 'dkd': beta must be >= 0"),
+    (["--method", "kd", "--method-option", "gamma=1"], "method 'kd' has no option(s) gamma; valid: alpha, temperature"),
+    (["--method", "kd", "--method-option", "oops"], "expected KEY=VALUE"),
+])
+def test_distill_option_errors(args, expected, with_teacher, stripes_root):
+    result = run_cli("distill", "--data-root", str(stripes_root), "--run-dir", str(with_teacher), *TINY, *args)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_teacher_of_other_classes_is_refused(with_teacher, tmp_path):
+    folder = _two_class_folder(tmp_path / "images")
+    result = run_cli("distill", "--method", "kd", "--dataset", f"imagefolder:{folder}", "--image-size", "32",
+                     "--teacher-ckpt", str(with_teacher / "teacher" / "model.pt"), "--run-dir", str(tmp_path / "r"),
+                     "--no-progress")
+    assert result.returncode == 2
+    assert "has 10 classes but dataset imagefolder:" in result.stderr and "has 2" in result.stderr
+
+
+def test_missing_teacher_says_how_to_get_one(stripes_root, tmp_path):
+    result = run_cli("distill", "--method", "kd", "--data-root", str(stripes_root), "--run-dir", str(tmp_path / "r"),
+                     *TINY)
+    assert result.returncode == 2 and "pipeline teacher" in result.stderr
