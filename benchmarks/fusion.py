@@ -5,7 +5,7 @@ and 32, at 224x224 and at the default Fashion-MNIST input 32x32), with the
 ratios fused/stock (goal 1.00 +- 0.03: fusion must cost nothing) and
 multi-branch/fused (what training-time branches would cost if shipped).
 
-    python benchmarks/fusion.py [--students shufflenetv2,resnet18] [--sizes 224,32] [--repeats 20]
+    python benchmarks/fusion.py [--students shufflenetv2,resnet18] [--sizes 224,32] [--seconds 4]
 """
 from __future__ import annotations
 
@@ -45,16 +45,24 @@ def count_macs(model: nn.Module, size: int) -> int:
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, batch: int, size: int, repeats: int) -> float:
+def interleaved_latency_ms(models: dict[str, nn.Module], batch: int, size: int, seconds: float) -> dict[str, float]:
+    """Median latency of each model, calls interleaved in rotating order so machine noise hits all alike."""
     x = torch.randn(batch, 3, size, size)
-    for _ in range(3):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    for model in models.values():
+        for _ in range(2):
+            model(x)
+    start = time.perf_counter()
+    next(iter(models.values()))(x)
+    one = time.perf_counter() - start
+    repeats = int(min(200, max(7, seconds / max(one, 1e-6))))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    keys = list(models)
+    for i in range(repeats):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            start = time.perf_counter()
+            models[key](x)
+            times[key].append(time.perf_counter() - start)
+    return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -64,7 +72,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--m", type=int, default=4)
     parser.add_argument("--points", default="multi")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per model and setting")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, m={args.m}, points={args.points}")
@@ -83,12 +91,8 @@ def main() -> None:
             params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (multi, fused, stock)]
             macs = [count_macs(m, size) / 1e6 for m in (multi, fused)]
             for batch in map(int, args.batches.split(",")):
-                # interleave the three models so machine noise hits them alike
-                runs: dict[str, list[float]] = {"multi": [], "fused": [], "stock": []}
-                for _ in range(3):
-                    for key, model in (("multi", multi), ("fused", fused), ("stock", stock)):
-                        runs[key].append(latency_ms(model, batch, size, max(3, args.repeats // 3)))
-                ms = {k: min(v) for k, v in runs.items()}
+                ms = interleaved_latency_ms({"multi": multi, "fused": fused, "stock": stock}, batch, size,
+                                            args.seconds)
                 print(f"{spec.name:20s} {size:4d} {batch:5d} {params[0]:8.2f}/{params[1]:.2f}/{params[2]:.2f}      "
                       f"{macs[0]:8.1f}/{macs[1]:8.1f} {ms['multi']:9.2f} {ms['fused']:9.2f} {ms['stock']:9.2f} "
                       f"{ms['fused'] / ms['stock']:11.3f} {ms['multi'] / ms['fused']:11.3f}", flush=True)

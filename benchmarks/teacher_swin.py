@@ -7,7 +7,10 @@ by side, plus a throughput probe of both models on identical batches.
 
     python benchmarks/teacher_swin.py --budget-minutes 20 --out /tmp/swin-bench
 
-Runs are cached in --out keyed by their flags; rerunning prints the table.
+Each run gets as many epochs (or, below one epoch, training images) as its
+measured throughput allows within the budget; --ours-epochs / --baseline-plan
+fix them. Runs are cached in --out keyed by their settings: rerunning with the
+same plan prints the table without training again.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=20.0)
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "kdiff-pipeline" / "swin-bench")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--ours-epochs", type=int, help="fix our run's epochs (default: planned from the probe)")
+    parser.add_argument("--baseline-plan", nargs=2, type=int, metavar=("EPOCHS", "SUBSET"),
+                        help="fix the baseline's epochs and training-subset size (default: planned from the probe)")
     args = parser.parse_args()
     budget_s = args.budget_minutes * 60
 
@@ -80,9 +86,13 @@ def main() -> None:
         subset = [] if images >= TRAIN_IMAGES else ["--subset", str(int(images) // 128 * 128)]
         return ["--epochs", str(epochs), *subset]
 
-    results = {"ours": run("ours", OURS + plan(ours_rate), args.out)}
+    # A plan fixed on the command line keeps a rerun's settings (and so its cached result) stable.
+    ours_plan = ["--epochs", str(args.ours_epochs)] if args.ours_epochs else plan(ours_rate)
+    base_plan = (["--epochs", str(args.baseline_plan[0]), "--subset", str(args.baseline_plan[1])]
+                 if args.baseline_plan else plan(base_rate))
+    results = {"ours": run("ours", OURS + ours_plan, args.out)}
     if not args.skip_baseline:
-        results["torchvision-default"] = run("torchvision-default", BASELINE + plan(base_rate) +
+        results["torchvision-default"] = run("torchvision-default", BASELINE + base_plan +
                                              ["--config", str(write_baseline_config(args.out))], args.out)
     print(f"\naccuracy vs training time (budget {args.budget_minutes:.0f} min, full 10k test set):")
     print(f"{'run':22s} {'epoch':>5s} {'train min':>9s} {'test top-1':>10s} {'train img/s':>11s}")

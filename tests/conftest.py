@@ -63,6 +63,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
 
 
+# Small, fast settings for CLI runs on the stripes data.
+TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
+
+
+def train_tiny_teacher(run_dir: Path, data_root: Path, teacher: str) -> Path:
+    """A run directory whose teacher stage finished (2 epochs on 320 stripe images)."""
+    result = run_cli("teacher", "--teacher", teacher, "--data-root", str(data_root), "--epochs", "2",
+                     "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
 def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under a folder (to prove nothing was touched)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -8,18 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli, tree_digest
+from tests.conftest import TINY, run_cli, train_tiny_teacher, tree_digest
 
-TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def with_teacher(tmp_path_factory, stripes_root) -> Path:
-    run_dir = tmp_path_factory.mktemp("distill") / "run"
-    result = run_cli("teacher", "--teacher", "resnet34", "--data-root", str(stripes_root), "--epochs", "2",
-                     "--run-dir", str(run_dir), *TINY)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    return train_tiny_teacher(tmp_path_factory.mktemp("distill") / "run", stripes_root, "resnet34")
 
 
 @pytest.mark.parametrize("method,options", [

@@ -9,9 +9,8 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import run_cli, tree_digest
+from tests.conftest import TINY, run_cli, tree_digest
 
-TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

@@ -14,19 +14,13 @@ import torchvision
 import yaml
 
 from models import build_model
-from tests.conftest import ROOT, run_cli, tree_digest
+from tests.conftest import ROOT, TINY, run_cli, train_tiny_teacher, tree_digest
 
-TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, stripes_root) -> Path:
-    """A run directory whose Swin teacher stage finished (2 epochs on 320 stripe images)."""
-    run_dir = tmp_path_factory.mktemp("run") / "run"
-    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
-                     "--run-dir", str(run_dir), *TINY)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    return train_tiny_teacher(tmp_path_factory.mktemp("run") / "run", stripes_root, "swin")
 
 
 def test_teacher_writes_its_outputs(finished_run):
