@@ -59,7 +59,8 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--method", "method", dict(help="kdiffusion (default), kd, dkd, fitnet, at, none (student alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
-    ("--m", "m", dict(type=int, help="parallel branches per distillation point (1-8, default 4)")),
+    # not "--m": under torchrun, argparse would take it for an abbreviation of its own options
+    ("--branches", "m", dict(type=int, help="parallel branches m per distillation point (1-8, default 4)")),
     ("--points", "points", dict(type=click.Choice(["single", "multi"]), help="distillation points")),
     ("--rep-blocks", "rep_blocks", dict(type=click.Choice(["none", "repvgg", "dbb"]),
                                         help="re-parameterizable blocks for every other eligible conv+BN")),

@@ -22,7 +22,7 @@ def with_teacher(tmp_path_factory, stripes_root) -> Path:
     ("dkd", ["--method-option", "beta=4", "--method-option", "warmup=1"]),
     ("fitnet", ["--points", "multi"]),
     ("at", ["--points", "multi"]),
-    ("kdiffusion", ["--m", "2", "--method-option", "lambda_kd=0.5"]),
+    ("kdiffusion", ["--branches", "2", "--method-option", "lambda_kd=0.5"]),
 ])
 def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with_teacher, stripes_root, tmp_path):
     run_dir = tmp_path / "run"

@@ -56,7 +56,7 @@ def test_torchrun_distillation_with_kdiffusion(tmp_path, stripes_root):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "distill",
-                             "--student", "shufflenetv2_x0_5", "--method", "kdiffusion", "--m", "2", "--epochs", "1",
+                             "--student", "shufflenetv2_x0_5", "--method", "kdiffusion", "--branches", "2", "--epochs", "1",
                              "--data-root", str(stripes_root), "--run-dir", str(run_dir), *TINY],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

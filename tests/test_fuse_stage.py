@@ -17,7 +17,7 @@ from tests.conftest import TINY, run_cli, tree_digest
 def distilled(tmp_path_factory, stripes_root) -> Path:
     run_dir = tmp_path_factory.mktemp("fuse") / "run"
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--points", "multi",
-                     "--m", "3", "--data-root", str(stripes_root), "--epochs", "2", "--run-dir", str(run_dir), *TINY)
+                     "--branches", "3", "--data-root", str(stripes_root), "--epochs", "2", "--run-dir", str(run_dir), *TINY)
     assert result.returncode == 0, result.stderr
     return run_dir
 
@@ -67,7 +67,7 @@ def test_fuse_without_student_says_what_to_run(tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [(["--method", "kdx"], "unknown method 'kdx'; valid: at, dkd, fitnet, kd, kdiffusion, none"),
-                                           (["--m", "0"], "student.m"),
+                                           (["--branches", "0"], "student.m"),
                                            (["--student", "swin"], "unknown student 'swin'")])
 def test_distill_bad_input(args, expected, stripes_root, tmp_path):
     result = run_cli("distill", "--data-root", str(stripes_root), "--run-dir", str(tmp_path / "r"), *TINY, *args)

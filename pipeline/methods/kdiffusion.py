@@ -58,10 +58,11 @@ class KDiffusion(PairedFeatureMethod):
         n = len(pairs)
         self.register_buffer("s2", torch.ones(n))
         self.register_buffer("initialised", torch.zeros(n, dtype=torch.bool))
-        self.teacher_mean = nn.ParameterList(nn.Parameter(torch.zeros(1, ts[0], 1, 1), requires_grad=False)
-                                             for *_, ts in pairs)
-        self.teacher_std = nn.ParameterList(nn.Parameter(torch.ones(1, ts[0], 1, 1), requires_grad=False)
-                                            for *_, ts in pairs)
+        # Detached running statistics are buffers: saved for resume, and under DDP broadcast from rank 0
+        # each step, so every replica normalises with the same numbers.
+        for i, (*_, ts) in enumerate(pairs):
+            self.register_buffer(f"teacher_mean_{i}", torch.zeros(1, ts[0], 1, 1))
+            self.register_buffer(f"teacher_std_{i}", torch.ones(1, ts[0], 1, 1))
 
     # --------------------------------------------------------------------------------- statistics
 
@@ -74,13 +75,13 @@ class KDiffusion(PairedFeatureMethod):
             else torch.ones_like(mean_t)
         if not bool(self.initialised[i]):
             self.s2[i] = var
-            self.teacher_mean[i].copy_(mean_t)
-            self.teacher_std[i].copy_(std_t)
+            self.get_buffer(f"teacher_mean_{i}").copy_(mean_t)
+            self.get_buffer(f"teacher_std_{i}").copy_(std_t)
             self.initialised[i] = True
         elif self.training:
             self.s2[i] = 0.9 * self.s2[i] + 0.1 * var
-            self.teacher_mean[i].mul_(0.9).add_(0.1 * mean_t)
-            self.teacher_std[i].mul_(0.9).add_(0.1 * std_t)
+            self.get_buffer(f"teacher_mean_{i}").mul_(0.9).add_(0.1 * mean_t)
+            self.get_buffer(f"teacher_std_{i}").mul_(0.9).add_(0.1 * std_t)
 
     # --------------------------------------------------------------------------------- the loss
 
@@ -109,7 +110,7 @@ class KDiffusion(PairedFeatureMethod):
             self.last_orders.append(order)
             teacher = match_size(teacher, xhats[-1])
             self._update_stats(i, teacher, torch.stack(xhats))
-            mu, sd = self.teacher_mean[i], self.teacher_std[i]
+            mu, sd = self.get_buffer(f"teacher_mean_{i}"), self.get_buffer(f"teacher_std_{i}")
             target = (teacher - mu) / sd if self.normalize_teacher else teacher
             s2 = self.s2[i].clamp_min(1e-8)
             diff = sum(w * ((target - x) ** 2).mean() for w, x in zip(self.omega, xhats)) / (2 * s2)
