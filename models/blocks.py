@@ -141,7 +141,7 @@ class RepConvBN(RepBlock):
             raise ValueError(f"unknown rep-block style '{style}'; valid: dbb, repvgg")
         if not rep_eligible(conv):
             raise ValueError("conv is not eligible for re-parameterization")
-        k, s, g = conv.kernel_size[0], conv.stride[0], conv.groups
+        k, s = conv.kernel_size[0], conv.stride[0]
         cin, cout = conv.in_channels, conv.out_channels
         self.remember(conv, bn)
         self.main, self.main_bn = conv_like(conv), bn_like(bn)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +34,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"weights file not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        # torch reports corrupt archives with multi-line messages; keep the first line.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"corrupt or unreadable weights file {path}: {first}") from exc
-    except Exception as exc:  # unpickling errors have several types across torch versions
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # corrupt archives and unpickling errors have many types; keep the first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"corrupt or unreadable weights file {path}: {first}") from exc
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,7 @@ def load_checkpoint(path: Path, what: str = "checkpoint") -> Any:
         raise BadInputError(f"{what} not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, Exception) as exc:
+    except Exception as exc:  # corrupt archives and unpickling errors have many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadInputError(f"corrupt {what} {path}: {first} (delete it to start this stage over)") from None
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import gzip
 import logging
-import math
 import os
 import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,7 +219,7 @@ def _load_fashion_mnist(data_root: Path | None, download: bool) -> tuple[ArrayIm
 
 _CIFAR = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels",
-                "batches.meta", "label_names", torchvision_name := "CIFAR10"),
+                "batches.meta", "label_names", "CIFAR10"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", "meta", "fine_label_names", "CIFAR100"),
 }
 

@@ -143,13 +143,13 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
                                                 s.rep_blocks)
     except ModelError as exc:
         raise BadInputError(str(exc)) from None
-    teacher, teacher_info = None, None
+    teacher, teacher_info, sample = None, None, None
     if method_cls.needs_teacher:
+        sample = sample_input(train, bundle, image_size, ctx)
         ckpt = Path(s.teacher_ckpt) if s.teacher_ckpt else run_dir / "teacher" / "model.pt"
         teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size)
-        teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"), "model": teacher_meta["arch"]["name"],
-                        **choose_teacher_precision(teacher_model, sample_input(train, bundle, image_size, ctx),
-                                                   ctx.device)}
+        teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"),
+                        "model": teacher_meta["arch"]["name"], **choose_teacher_precision(teacher_model, sample, ctx.device)}
         teacher = FrozenTeacher(teacher_model, teacher_info["precision"], get_spec(teacher_info["model"]).taps)
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
                                               "data": data_settings(cfg), "student": s.model_dump()})
@@ -158,10 +158,8 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
         teacher_info["sha256"] = file_sha256(Path(teacher_info["checkpoint"]))
         settings_hash += "-" + teacher_info["sha256"][:16]
     points = arch["multibranch"]["distill_points"]
-    if hasattr(method, "setup"):
-        if teacher is None:
-            raise BadInputError(f"method '{s.method}' needs a teacher")
-        setup_feature_method(method, model, teacher, points, s.m, sample_input(train, bundle, image_size, ctx))
+    if hasattr(method, "setup"):  # feature methods (all of which need a teacher)
+        setup_feature_method(method, model, teacher, points, s.m, sample)
     task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points})
     arch["method"] = s.method
     arch["method_options"] = dict(s.method_options)

@@ -81,7 +81,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return 1.0
 
 
-def make_optimizer(params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]], cfg: TrainConfig):
+def make_optimizer(named: list[tuple[str, nn.Parameter]], cfg: TrainConfig):
     """AdamW or SGD; biases and norm weights (1-d tensors) get no weight decay.
 
     The fused (single-kernel) implementations are used: on a CPU, fused AdamW
@@ -258,7 +258,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
     test_loader = eval_loader(test_set, max(256, cfg.batch_size), ctx, num_workers)
     steps_per_epoch = len(loader)
     named = [(n, p) for n, p in task.named_parameters() if p.requires_grad]
-    optimizer = make_optimizer([p for _, p in named], named, cfg)
+    optimizer = make_optimizer(named, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
     history: list[dict[str, Any]] = []
     start_epoch, best_top1, best_epoch, train_time, probe = 0, -1.0, -1, 0.0, {}
