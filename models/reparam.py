@@ -20,6 +20,7 @@ from models.errors import ModelError
 from models.registry import build_model, get_spec
 
 POINT_SETS = ("single", "multi")
+POINT_TAPS = ("final", "stage4", "stage3", "stage2")  # where distillation points are looked for, last first
 REP_STYLES = ("none", "repvgg", "dbb")
 
 
@@ -62,19 +63,22 @@ def distill_points(name: str, points: str = "single") -> list[DistillPoint]:
         raise ModelError(f"unknown distillation points '{points}'; valid: {', '.join(POINT_SETS)}")
     spec = get_spec(name, "student")
     model, _, _ = build_model(spec.name, 10, spec.default_image_size)
+    wanted = 1 if points == "single" else 3
     chosen, seen = [], set()
-    for tap in ("final", "stage4", "stage3", "stage2"):
-        module_path = spec.taps[tap].module
-        if module_path in seen:
+    for tap in POINT_TAPS:
+        module_path = spec.taps[tap].module if tap in spec.taps else None
+        if module_path is None or module_path in seen:
             continue
         seen.add(module_path)
         pairs = conv_bn_pairs(model.get_submodule(module_path), module_path + ".")
         if not pairs:
             continue
         chosen.append(DistillPoint(tap, *pairs[-1]))
-        if len(chosen) == (1 if points == "single" else 3):
+        if len(chosen) == wanted:
             return chosen
-    raise ModelError(f"student {spec.name} has no conv+BN for distillation points '{points}'")
+    found = ", ".join(f"{p.tap} ({p.conv})" for p in chosen) or "none"
+    raise ModelError(f"student {spec.name} lacks the distillation point(s) that points '{points}' needs: "
+                     f"{wanted} conv+BN layer(s) in its taps {', '.join(POINT_TAPS)} (last first), found {found}")
 
 
 def build_multibranch_student(name: str, num_classes: int, image_size: int | None = None, m: int = 4,

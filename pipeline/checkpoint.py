@@ -6,6 +6,7 @@ either the previous good checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -109,3 +110,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_digest(settings: Any) -> str:
+    """Stable short hash of JSON-able settings (a stage's fingerprint)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

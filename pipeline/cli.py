@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import click
 
-from pipeline.errors import PipelineError
+
+from pipeline.errors import BadInputError, PipelineError
 
 log = logging.getLogger("pipeline")
-STAGES_TO_COME = ("export", "bench", "report")
 
 
 def _setup_logging(level: str) -> None:
@@ -172,14 +172,15 @@ def main(debug: bool, log_level: str) -> None:
     _setup_logging("debug" if debug else log_level)
 
 
-def _config(params: dict[str, Any], *groups, models: dict[str, str | None] | None = None):
+def _config(params: dict[str, Any], *groups, models: dict[str, str | None] | None = None,
+            profile: str | None = None, extra: dict[str, Any] | None = None):
     from pipeline.config import resolve_config
 
-    overrides = overrides_from(params, *groups)
+    overrides = {**overrides_from(params, *groups), **(extra or {})}
     for section, name in (models or {}).items():
         if name:
             overrides.setdefault(section, {})["model"] = name
-    return resolve_config(params.get("config_file"), overrides)
+    return resolve_config(params.get("config_file"), overrides, profile)
 
 
 TEACHER_GROUPS = (("", DATA_OPTIONS), ("teacher", TRAIN_OPTIONS), ("teacher", TEACHER_OPTIONS))
@@ -204,7 +205,6 @@ def _context(device: str):
     try:
         return init_distributed(device)
     except RuntimeError as exc:
-        from pipeline.errors import BadInputError
 
         raise BadInputError(str(exc)) from None
 
@@ -225,26 +225,35 @@ def teacher(**params: Any) -> None:
 @main.command()
 @click.option("--teacher", help="teacher model (default swin)")
 @click.option("--student", help="student model (default shufflenetv2)")
+@click.option("--profile", default="default", show_default=True,
+              help="named settings: default (Fashion-MNIST, ~10 min on 2 CPU cores), full (224 px, long "
+                   "schedules, for GPUs), tiny (a smoke test); --config and flags override it")
+@click.option("--force", "force_stage", metavar="STAGE",
+              help="rerun STAGE and every stage after it: " + ", ".join(
+                  ("teacher", "distill", "baseline", "fuse", "export", "bench", "report")))
+@click.option("--baseline/--no-baseline", "baseline", default=None,
+              help="also train the student alone with the same budget, for the report (default: on)")
 @with_options(*RUN_GROUPS)
 @common_options
 @handle_errors
 def run(**params: Any) -> None:
-    """Run every stage into one run directory: teacher -> distill -> fuse (finished stages are skipped)."""
-    from pipeline.distill import run_distill
-    from pipeline.equivalence import Tolerances
-    from pipeline.fuse import run_fuse
-    from pipeline.teacher import run_teacher
+    """Run every stage into one run directory: teacher -> distill -> baseline -> fuse -> export -> bench -> report.
 
-    cfg = _config(params, *RUN_GROUPS, models={"teacher": params.pop("teacher"), "student": params.pop("student")})
+    Finished stages whose settings and inputs are unchanged are skipped, an interrupted stage resumes,
+    and RUN_DIR/manifest.json records what happened. Exit codes: 2 bad input, 3 equivalence gate,
+    4 training diverged, 5 export failed, 6 cannot write (disk full or read-only).
+    """
+    from pipeline.orchestrate import run_pipeline
+
+    overrides_models = {"teacher": params.pop("teacher"), "student": params.pop("student")}
+    cfg = _config(params, *RUN_GROUPS, models=overrides_models, profile=params["profile"],
+                  extra={"baseline": params["baseline"]})
     run_dir, ctx = Path(params["run_dir"]), _context(params["device"])
-    teacher = run_teacher(cfg, run_dir, ctx, params["progress"])
-    student = run_distill(cfg, run_dir, ctx, params["progress"])
+    manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],
+                            progress=params["progress"])
     if ctx.is_main:
-        run_fuse(run_dir, Tolerances(), cfg.data.data_root)
-    log.info("run: teacher %s %.2f%%, student %s (method %s) %.2f%% test top-1; fused student in %s",
-             cfg.teacher.model, teacher["top1"], cfg.student.model, cfg.student.method, student["top1"],
-             run_dir / "fused")
-    log.info("run: stages still to come (not implemented yet): %s", ", ".join(STAGES_TO_COME))
+        log.info("run: complete; report: %s (stages: %s)", run_dir / "report.md",
+                 ", ".join(f"{k} {v.get('action')}" for k, v in manifest.get("stages", {}).items()))
 
 
 @main.command()
@@ -276,6 +285,98 @@ def fuse(run_dir: str, data_root: str | None, images: int, fp64_tol: float, fp32
     from pipeline.fuse import run_fuse
 
     run_fuse(Path(run_dir), Tolerances(fp64_tol, fp32_tol, min_top1_agreement), data_root, images)
+
+
+@main.command()
+@click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
+@click.option("--formats", default="onnx,openvino", show_default=True, help="comma-separated: onnx, openvino")
+@click.option("--opset", type=int, help="ONNX opset (default 18 with the dynamo exporter, 17 with torchscript)")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
+              help="torch.export-based exporter (default) or the deprecated TorchScript one")
+@click.option("--data-root", help="folder holding the dataset files (for the held-out images)")
+@click.option("--images", default=64, show_default=True, help="held-out images compared")
+@click.option("--tol", "fp32_tol", default=1e-4, show_default=True,
+              help="max abs logit diff, times max(1, max |logit|)")
+@click.option("--min-top1-agreement", default=100.0, show_default=True, help="percent")
+@click.option("--verify", is_flag=True, help="only re-run the gates on the existing artifacts (exit 3 if they fail)")
+@handle_errors
+def export(run_dir: str, formats: str, opset: int | None, exporter: str, data_root: str | None, images: int,
+           fp32_tol: float, min_top1_agreement: float, verify: bool) -> None:
+    """Export the fused student to ONNX and OpenVINO IR, gated on equivalence; writes RUN_DIR/export/."""
+    from pipeline.equivalence import Tolerances
+    from pipeline.export import ExportSettings, parse_formats, run_export
+
+    settings = ExportSettings(parse_formats(formats), opset, exporter, images,
+                              Tolerances(fp32_rel=fp32_tol, min_top1_agreement=min_top1_agreement))
+    run_export(Path(run_dir), settings, data_root, verify_only=verify)
+
+
+def bench_options(func: Callable) -> Callable:
+    for option in reversed([
+        click.option("--backends", default="torch,onnxruntime,openvino", show_default=True,
+                     help="comma-separated: torch, onnxruntime, openvino"),
+        click.option("--bench-device", "bench_device", default="cpu", show_default=True,
+                     help="cpu, cuda or all (GPU targets that are missing are reported as skipped)"),
+        click.option("--batch-sizes", default="1,32", show_default=True),
+        click.option("--threads", type=int, help="threads per backend (default: all usable cores)"),
+        click.option("--warmup", default=10, show_default=True, help="untimed calls per variant"),
+        click.option("--iterations", type=int, help="timed calls per variant (default: run for --duration)"),
+        click.option("--duration", default=3.0, show_default=True, help="seconds of timing per target and batch"),
+    ]):
+        func = option(func)
+    return func
+
+
+def _bench_args(params: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.bench import parse_batch_sizes, parse_devices, parse_list
+    from pipeline.latency import BACKENDS, Budget
+    from pipeline.machine import usable_cores
+
+    if params.get("threads") is not None and params["threads"] < 1:
+        raise BadInputError("--threads must be >= 1")
+    budget = Budget(threads=params.get("threads") or usable_cores(), warmup=params["warmup"],
+                    iterations=params.get("iterations"), duration=params["duration"])
+    return {"backends": parse_list(params["backends"], BACKENDS, "backend"),
+            "devices": parse_devices(params["bench_device"]), "batch_sizes": parse_batch_sizes(params["batch_sizes"]),
+            "budget": budget}
+
+
+@main.command()
+@click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
+@bench_options
+@handle_errors
+def bench(run_dir: str, **params: Any) -> None:
+    """Latency of the fused, unfused and stock student per backend and device; writes RUN_DIR/bench/."""
+    from pipeline.bench import run_bench
+
+    run_bench(Path(run_dir), **_bench_args(params))
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
+              help="exported model: RUN_DIR/export/model.onnx or an OpenVINO .xml")
+@click.option("--top-k", default=1, show_default=True, help="classes shown per image")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
+@click.option("--threads", type=int, help="inference threads")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@handle_errors
+def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, images: tuple[str, ...]) -> None:
+    """Classify image files with an exported model, preprocessed as its metadata says."""
+    import json
+
+    from exporters.runtime import Classifier, InputError
+
+    try:
+        predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k)
+    except InputError as exc:
+        raise BadInputError(str(exc)) from None
+    for p in predictions:
+        if as_json:
+            click.echo(json.dumps({"image": p.source, "label": p.label, "index": p.index,
+                                   "probability": p.probability, "top": p.top}))
+        else:
+            others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
+            click.echo(f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else ""))
 
 
 @main.command()

@@ -91,6 +91,11 @@ class StudentConfig(_Strict):
     m: int = Field(4, ge=1, le=8, description="parallel branches at each distillation point")
     points: Literal["single", "multi"] = "single"
     rep_blocks: Literal["none", "repvgg", "dbb"] = "none"
+    teacher_cache: Literal["auto", "off"] = Field(
+        "auto", description="reuse the teacher's outputs per distinct input image across epochs; auto = on when "
+        "data.augment is flip or none (random crops make every input new)")
+    teacher_cache_mb: int = Field(2048, ge=0, description="memory bound of the teacher cache per process (MiB)")
+    teacher_cache_dtype: Literal["float16", "float32"] = Field("float16", description="storage of cached outputs")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-3, weight_decay=0.01,
                                                                    grad_clip=None))
 
@@ -119,12 +124,44 @@ def _check_model(value: str, role: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+class FuseConfig(_Strict):
+    images: int = Field(256, ge=1, description="held-out images compared")
+    fp64_tol: float = Field(1e-9, ge=0)
+    fp32_tol: float = Field(1e-4, ge=0, description="times max(1, max |logit|)")
+    min_top1_agreement: float = Field(100.0, ge=0, le=100)
+
+
+class ExportConfig(_Strict):
+    formats: list[Literal["onnx", "openvino"]] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    opset: Optional[int] = Field(None, ge=7, description="default: 18 (dynamo exporter), 17 (torchscript)")
+    exporter: Literal["dynamo", "torchscript"] = "dynamo"
+    images: int = Field(64, ge=1, description="held-out images compared")
+    fp32_tol: float = Field(1e-4, ge=0, description="times max(1, max |logit|)")
+    min_top1_agreement: float = Field(100.0, ge=0, le=100)
+
+
+class BenchConfig(_Strict):
+    backends: list[Literal["torch", "onnxruntime", "openvino"]] = Field(
+        default_factory=lambda: ["torch", "onnxruntime", "openvino"], min_length=1)
+    device: Literal["cpu", "cuda", "all"] = "all"
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
+    threads: Optional[int] = Field(None, ge=1, description="default: every usable core")
+    warmup: int = Field(10, ge=0)
+    iterations: Optional[int] = Field(None, ge=1, description="per variant; default: run for `duration` s")
+    duration: float = Field(3.0, gt=0)
+
+
 class PipelineConfig(_Strict):
     seed: int = Field(0, ge=0)
     deterministic: bool = False
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    baseline: bool = Field(True, description="`pipeline run` also trains the student alone with the same budget, "
+                           "for the report's comparison")
+    fuse: FuseConfig = Field(default_factory=FuseConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named top-level sections: a stage's settings fingerprint."""
@@ -168,9 +205,29 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Defaults < config file < overrides (nested dicts; ``None`` values are ignored)."""
-    data: dict[str, Any] = read_config_file(config_file) if config_file else {}
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def read_profile(name: str) -> dict[str, Any]:
+    """A named set of settings shipped with the package (``pipeline/profiles/NAME.yaml``)."""
+    path = PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        from pipeline.errors import unknown_name
+
+        raise unknown_name("profile", name, profile_names())
+    return read_config_file(path)
+
+
+def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                   profile: str | None = None) -> PipelineConfig:
+    """Defaults < profile < config file < overrides (nested dicts; ``None`` values are ignored)."""
+    data: dict[str, Any] = read_profile(profile) if profile else {}
+    if config_file:
+        data = _merge(data, read_config_file(config_file))
     data = _merge(data, _drop_none(overrides or {}))
     try:
         return PipelineConfig.model_validate(data)

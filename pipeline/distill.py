@@ -20,11 +20,12 @@ from models import FeatureTaps, ModelError, TapSpec, build_model, get_spec
 from models.heads import next_part
 from models.reparam import build_multibranch_student
 from pipeline.checkpoint import load_checkpoint, read_json, seed_everything
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, StudentConfig
 from pipeline.data import BatchPreprocessor, DataBundle
 from pipeline.distributed import DistContext
 from pipeline.errors import BadInputError
 from pipeline.methods import DistillTask, FrozenTeacher, KDMethod, get_method
+from pipeline.methods.teacher_cache import CACHEABLE_AUGMENTATIONS, TeacherOutputCache
 from pipeline.stage import Stage, data_settings, prepare_data, train_stage
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,16 @@ def make_method(cls: type[KDMethod], options: dict[str, Any], label_smoothing: f
         raise BadInputError(f"method '{cls.name}': {exc}") from None
 
 
+def make_teacher_cache(s: StudentConfig, augment: str) -> TeacherOutputCache | None:
+    """The teacher-output cache the settings ask for; None when off or when the augmentation rules it out."""
+    if s.teacher_cache == "off" or s.teacher_cache_mb == 0:
+        return None
+    if augment not in CACHEABLE_AUGMENTATIONS:
+        log.info("teacher cache off: augmentation '%s' makes nearly every input new", augment)
+        return None
+    return TeacherOutputCache(s.teacher_cache_mb * 2**20, getattr(torch, s.teacher_cache_dtype))
+
+
 def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: bool | None = None) -> dict[str, Any]:
     s = cfg.student
     run_dir = Path(run_dir)
@@ -160,10 +171,16 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
     points = arch["multibranch"]["distill_points"]
     if hasattr(method, "setup"):  # feature methods (all of which need a teacher)
         setup_feature_method(method, model, teacher, points, s.m, sample)
-    task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points})
+    cache = make_teacher_cache(s, cfg.data.augment) if teacher is not None else None
+    if teacher_info:
+        teacher_info["cache"] = {"dtype": s.teacher_cache_dtype, "max_mb": s.teacher_cache_mb} if cache is not None else None
+    task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points}, cache)
     arch["method"] = s.method
     arch["method_options"] = dict(s.method_options)
     arch["teacher"] = teacher_info
-    return train_stage(Stage(run_dir, "student"), cfg, run_dir, ctx, bundle=bundle, train=train, test=test,
-                       image_size=image_size, task=task, train_cfg=s.train, settings_hash=settings_hash, arch=arch,
-                       progress=progress)
+    summary = train_stage(Stage(run_dir, "student"), cfg, run_dir, ctx, bundle=bundle, train=train, test=test,
+                          image_size=image_size, task=task, train_cfg=s.train, settings_hash=settings_hash, arch=arch,
+                          progress=progress)
+    if cache is not None and cache.hits + cache.misses:
+        log.info("teacher cache in the last epoch: %s", cache.stats())
+    return summary

@@ -8,7 +8,8 @@ in the training task and never in the saved student.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import logging
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ from torch import nn
 from models.taps import FeatureTaps
 from pipeline.errors import unknown_name
 
+if TYPE_CHECKING:
+    from pipeline.methods.teacher_cache import TeacherOutputCache
+
+log = logging.getLogger(__name__)
 _METHODS: dict[str, type["KDMethod"]] = {}
 
 
@@ -107,18 +112,25 @@ class FrozenTeacher:
 
 
 class DistillTask(nn.Module):
-    """The engine's task for the distill stage: the student (saved) plus the method (training only)."""
+    """The engine's task for the distill stage: the student (saved) plus the method (training only).
+
+    With a ``teacher_cache`` (:mod:`pipeline.methods.teacher_cache`) the
+    teacher's outputs in training mode come from the cache, which runs the
+    teacher on the images it has not seen yet.
+    """
 
     def __init__(self, student: nn.Module, method: KDMethod, teacher: FrozenTeacher | None = None,
-                 point_paths: dict[str, str] | None = None):
+                 point_paths: dict[str, str] | None = None, teacher_cache: "TeacherOutputCache | None" = None):
         super().__init__()
         self.model = student
         self.method = method
         self.teacher = teacher
+        self.teacher_cache = teacher_cache if teacher is not None else None
         self.point_paths = dict(point_paths or {})  # distillation point tap -> branch block path
+        self._epoch: int | None = None  # the epoch in progress (for the cache's per-epoch log)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "teacher":  # a plain attribute, never a submodule (see FrozenTeacher)
+        if name in ("teacher", "teacher_cache"):  # plain attributes, never submodules (see FrozenTeacher)
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
@@ -130,11 +142,22 @@ class DistillTask(nn.Module):
 
     def set_progress(self, epochs_done: float) -> None:
         self.method.epoch_progress = epochs_done
+        if self.teacher_cache is not None and self._epoch is not None and int(epochs_done) != self._epoch:
+            log.info("teacher cache after epoch %d: %s", self._epoch + 1, self.teacher_cache.stats())
+            self.teacher_cache.reset_counts()
+        self._epoch = int(epochs_done)
+
+    def teacher_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The teacher's logits and the method's taps: from the cache while training, else live."""
+        names = list(getattr(self.method, "teacher_taps", []))
+        if self.teacher_cache is not None and self.training:
+            return self.teacher_cache.fetch(self.teacher.with_features, images, names)
+        return self.teacher.with_features(images, names)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher_logits, teacher_feats = None, {}
         if self.teacher is not None:
-            teacher_logits, teacher_feats = self.teacher.with_features(images, getattr(self.method, "teacher_taps", []))
+            teacher_logits, teacher_feats = self.teacher_outputs(images)
         logits = self.model(images)
         branches = {tap: self.model.get_submodule(path).branch_outputs for tap, path in self.point_paths.items()}
         losses = self.method.losses(student_logits=logits, labels=labels, teacher_logits=teacher_logits,

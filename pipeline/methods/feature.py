@@ -28,7 +28,11 @@ class Projector(nn.Module):
                 z = F.interpolate(z, size=self.size, mode="bilinear", align_corners=False)
             else:
                 z = F.adaptive_avg_pool2d(z, self.size)
-        return self.bn(self.conv(z))
+        # The 1x1 conv as a matrix product over channels: the same function, but on a CPU oneDNN's 1x1
+        # convolution is ~5x slower than the GEMM for these shapes (forward+backward of a 512x1024x1x1
+        # batch through 1024->768: 216 ms vs 42 ms on one core here).
+        projected = F.linear(z.movedim(1, -1), self.conv.weight.flatten(1)).movedim(-1, 1)
+        return self.bn(projected)
 
 
 def match_size(teacher: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,111 @@
+"""Deployment latency, side by side in one run: torch eager vs ONNX Runtime vs OpenVINO, fused vs stock,
+and our OpenVINO timing vs OpenVINO's own ``benchmark_app`` on the same IR and thread count.
+
+    python benchmarks/latency.py --student shufflenetv2 --image-size 224 --seconds 5
+
+The student is built with its branches (m=4), given random BatchNorm statistics
+(so fusion has real work to do), fused, and exported with the pipeline's own
+exporters; the timing is the same code as ``pipeline bench`` (interleaved
+variants, warm-up excluded, one thread budget for every backend). Weights do not
+change latency, so no training is needed. ``benchmark_app`` and our OpenVINO
+runner alternate for --rounds rounds so machine noise hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from exporters.onnx import export_onnx  # noqa: E402
+from exporters.openvino import convert_onnx, save_ir  # noqa: E402
+from models import build_model  # noqa: E402
+from models.reparam import build_multibranch_student, fuse_model  # noqa: E402
+from pipeline.equivalence import randomize_bn_statistics  # noqa: E402
+from pipeline.latency import Budget, Target, Variant, measure_target, ratios  # noqa: E402
+from pipeline.machine import machine_info, usable_cores  # noqa: E402
+
+
+def build_variants(student: str, size: int, out: Path) -> list[Variant]:
+    multi, arch = build_multibranch_student(student, 10, size, 4, "single", "none")
+    multi = randomize_bn_statistics(multi).eval()
+    fused = fuse_model(multi).eval()
+    stock, _, _ = build_model(student, 10, size, role="student")
+    meta = {"architecture": arch["torchvision_name"], "input_size": [3, size, size]}
+    variants = []
+    for name, module in (("fused", fused), ("unfused", multi), ("stock", stock.eval())):
+        variants.append(Variant(name, module, export_onnx(module, out / f"{name}.onnx", (3, size, size), meta)))
+    variants[0].ir = save_ir(convert_onnx(variants[0].onnx, meta), out / "fused.xml", compress_to_fp16=False)
+    return variants
+
+
+def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> float:
+    exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
+    cmd = [exe, "-m", str(ir), "-d", "CPU", "-hint", "none", "-api", "sync", "-nstreams", "1",
+           "-nthreads", str(threads), "-t", str(max(1, round(seconds))), "-shape", f"images[1,3,{size},{size}]"]
+    text = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True).stdout
+    match = re.search(r"Median:\s+([\d.]+)\s*ms", text)
+    if not match:
+        raise RuntimeError(f"no median in benchmark_app output:\n{text[-2000:]}")
+    return float(match.group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default="shufflenetv2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument("--seconds", type=float, default=5.0, help="timing per backend (all variants together)")
+    parser.add_argument("--batch-sizes", default="1")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of ours vs benchmark_app")
+    parser.add_argument("--out", type=Path, help="keep the exported files here (default: a temporary folder)")
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    out = args.out or Path(tempfile.mkdtemp(prefix="latency-"))
+    out.mkdir(parents=True, exist_ok=True)
+    variants = build_variants(args.student, args.image_size, out)
+    budget = Budget(threads=args.threads, warmup=10, duration=args.seconds)
+    rows = []
+    for target in (Target("torch", "cpu"), Target("onnxruntime", "cpu", "CPUExecutionProvider"),
+                   Target("openvino", "cpu", "CPU")):
+        rows += measure_target(target, variants, batches, args.image_size, budget)
+
+    machine = machine_info()
+    print(f"\n{args.student} {args.image_size}x{args.image_size}, {args.threads} threads per backend, "
+          f"{machine['cpu']} ({machine['usable_cores']} usable cores; ISA {', '.join(machine['isa'])})")
+    print(f"{'backend':<14}{'variant':<9}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'mean ms':>10}")
+    for r in rows:
+        print(f"{r['backend']:<14}{r['variant']:<9}{r['batch']:>6}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}"
+              f"{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}")
+    p50 = {(r["backend"], r["variant"], r["batch"]): r["p50_ms"] for r in rows}
+    for b in batches:
+        best = min(p50[("onnxruntime", "fused", b)], p50[("openvino", "fused", b)])
+        print(f"batch {b}: best of ONNX Runtime / OpenVINO (fused) / torch eager (fused) p50 = "
+              f"{best / p50[('torch', 'fused', b)]:.3f}  (goal <= 0.30)")
+    for q in ratios(rows, "fused", "stock"):
+        print(f"fused/stock p50 {q['backend']:<12} batch {q['batch']}: {q['p50_ratio']:.3f}  (goal 1.00 +- 0.03)")
+    for q in ratios(rows, "unfused", "fused"):
+        print(f"unfused/fused p50 {q['backend']:<12} batch {q['batch']}: {q['p50_ratio']:.3f}")
+
+    # ours vs benchmark_app on the same IR, alternating
+    ours_ov, app = [], []
+    ir_variant = [Variant("fused-ir", variants[0].module, variants[0].onnx, variants[0].ir)]
+    for _ in range(args.rounds):
+        row = measure_target(Target("openvino", "cpu", "CPU"), ir_variant, [1], args.image_size, budget)[0]
+        ours_ov.append(row["p50_ms"])
+        app.append(benchmark_app_median(variants[0].ir, args.image_size, args.threads, args.seconds))
+    ours_med, app_med = statistics.median(ours_ov), statistics.median(app)
+    print(f"OpenVINO batch 1 on {variants[0].ir.name}: ours p50 {ours_med:.3f} ms (rounds {ours_ov}), "
+          f"benchmark_app median {app_med:.3f} ms (rounds {app}); ours/benchmark_app = {ours_med / app_med:.3f} "
+          f"(goal within 10%)")
+
+
+if __name__ == "__main__":
+    main()

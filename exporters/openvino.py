@@ -1,0 +1,55 @@
+"""OpenVINO IR from the exported ONNX file: an exact (FP32) IR and an FP16-compressed one.
+
+The IR carries the same ``kdiff.*`` metadata as the ONNX file, in its runtime
+info (``<rt_info><kdiff>...``), so either artifact can be deployed alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import openvino as ov
+
+from exporters import metadata as md
+from pipeline.errors import ExportError
+
+log = logging.getLogger(__name__)
+RT_SECTION = "kdiff"
+
+
+def convert_onnx(onnx_path: Path, meta: Mapping[str, object]) -> ov.Model:
+    try:
+        model = ov.convert_model(str(onnx_path))
+    except Exception as exc:  # OpenVINO raises its own generic errors
+        raise ExportError(f"OpenVINO could not convert {onnx_path}: {str(exc).splitlines()[0]}") from exc
+    for key, value in md.encode(meta).items():
+        model.set_rt_info(value, [RT_SECTION, key.removeprefix(md.PREFIX)])
+    return model
+
+
+def save_ir(model: ov.Model, xml_path: Path, compress_to_fp16: bool) -> Path:
+    """Write ``.xml`` + ``.bin`` next to each other, each moved into place only once complete."""
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
+    ov.save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
+    os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+    os.replace(tmp_xml, xml_path)
+    log.info("export: OpenVINO IR (%s) -> %s", "FP16-compressed" if compress_to_fp16 else "exact FP32", xml_path)
+    return xml_path
+
+
+def read_metadata(xml_path: Path) -> dict[str, object]:
+    model = ov.Core().read_model(str(xml_path))
+    return metadata_of(model)
+
+
+def metadata_of(model: ov.Model) -> dict[str, object]:
+    if not model.has_rt_info([RT_SECTION]):
+        return {}
+    section = model.get_rt_info([RT_SECTION])
+    items = section.astype(dict) if hasattr(section, "astype") else dict(section)
+    return md.decode({md.PREFIX + key: (value.astype(str) if hasattr(value, "astype") else str(value))
+                      for key, value in items.items()})

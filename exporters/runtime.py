@@ -1,0 +1,167 @@
+"""Classify image files with an exported model, reading the preprocessing from the model's own metadata.
+
+This is the piece an edge user copies: it needs numpy, Pillow and either
+onnxruntime (``.onnx``) or openvino (``.xml``), not torch and not the rest of
+this project (only :mod:`exporters.metadata`, which is plain Python).
+
+    clf = Classifier("model.onnx")
+    for p in clf.classify(["shoe.png"]):
+        print(p.label, p.probability)
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from exporters import metadata as md
+
+
+class InputError(ValueError):
+    """An input the model cannot take: wrong shape, channel count, unreadable image, unusable model file."""
+
+
+@dataclass
+class Prediction:
+    source: str
+    index: int
+    label: str
+    probability: float
+    top: list[tuple[str, float]]
+
+
+class Classifier:
+    """An ONNX (onnxruntime) or OpenVINO IR model with the preprocessing its metadata describes."""
+
+    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "CPU"):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise InputError(f"model file {self.path} does not exist")
+        suffix = self.path.suffix.lower()
+        if suffix == ".onnx":
+            self._run, self.meta = _onnxruntime_session(self.path, threads)
+        elif suffix == ".xml":
+            self._run, self.meta = _openvino_model(self.path, threads, device)
+        else:
+            raise InputError(f"{self.path}: unknown model format '{suffix}'; valid: .onnx (onnxruntime), "
+                             ".xml (OpenVINO IR)")
+        missing = md.missing_keys(self.meta)
+        if missing:
+            raise InputError(f"{self.path} carries no pipeline metadata ({', '.join(missing)} missing); "
+                             "export it with `pipeline export`")
+        self.channels, self.height, self.width = (int(v) for v in self.meta["input_size"])
+        self.classes: list[str] = list(self.meta["classes"])
+        self._mean = np.asarray(self.meta["mean"], np.float32).reshape(1, -1, 1, 1)
+        self._std = np.asarray(self.meta["std"], np.float32).reshape(1, -1, 1, 1)
+
+    # ------------------------------------------------------------------ preprocessing
+    def load_image(self, path: str | Path) -> np.ndarray:
+        """One image file -> C x H x W float32 pixels in [0, 255], fitted to the input size."""
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except FileNotFoundError:
+            raise InputError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise InputError(f"cannot read image {path}: {exc}") from None
+        if image.mode in ("L", "I", "I;16", "F", "1"):
+            channels = [image.convert("F")]
+        else:
+            channels = [band.convert("F") for band in image.convert("RGB").split()]
+        if len(channels) == 1 and self.channels == 3:
+            channels = channels * 3  # grey images are repeated, as in training
+        if len(channels) != self.channels:
+            raise InputError(f"image {path} has {len(channels)} channels; the model takes {self.channels}")
+        return np.stack([self._fit(np.asarray(c, np.float32)) for c in channels])
+
+    def _fit(self, plane: np.ndarray) -> np.ndarray:
+        h, w = plane.shape
+        H, W = self.height, self.width
+        if (h, w) == (H, W):
+            return plane
+        if h <= H and w <= W and min(h, w) >= 0.75 * min(H, W):
+            top, left = (H - h) // 2, (W - w) // 2
+            return np.pad(plane, ((top, H - h - top), (left, W - w - left)))
+        # float ("F") resampling: no rounding to uint8 in between, as in training
+        return np.asarray(Image.fromarray(plane, "F").resize((W, H), Image.Resampling.BILINEAR), np.float32)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """N x C x H x W pixels in [0, 255] -> the model's input."""
+        return ((pixels / 255.0 - self._mean) / self._std).astype(np.float32)
+
+    # ------------------------------------------------------------------ inference
+    def check_input(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        expected = f"N x {self.channels} x {self.height} x {self.width} (NCHW)"
+        if batch.ndim != 4:
+            raise InputError(f"input has shape {tuple(batch.shape)}; the model takes {expected}")
+        if batch.shape[1] != self.channels:
+            raise InputError(f"input has {batch.shape[1]} channels (shape {tuple(batch.shape)}); "
+                             f"the model takes {expected}")
+        if tuple(batch.shape[2:]) != (self.height, self.width):
+            raise InputError(f"input is {batch.shape[2]}x{batch.shape[3]} pixels (shape {tuple(batch.shape)}); "
+                             f"the model takes {expected}")
+        if batch.shape[0] == 0:
+            raise InputError("input batch is empty")
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw model outputs for an already preprocessed N x C x H x W batch."""
+        return self._run(self.check_input(batch))
+
+    def classify(self, images: Sequence[str | Path], top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
+        top_k = max(1, min(top_k, len(self.classes)))
+        predictions = []
+        for start in range(0, len(images), batch_size):
+            chunk = list(images[start:start + batch_size])
+            logits = self.logits(self.normalize(np.stack([self.load_image(p) for p in chunk])))
+            probs = _softmax(logits)
+            for source, row in zip(chunk, probs):
+                order = np.argsort(-row)[:top_k]
+                top = [(self.classes[i], float(row[i])) for i in order]
+                predictions.append(Prediction(str(source), int(order[0]), top[0][0], top[0][1], top))
+        return predictions
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _onnxruntime_session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for bad files
+        raise InputError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
+    meta = md.decode(session.get_modelmeta().custom_metadata_map)
+    input_name = session.get_inputs()[0].name
+    return (lambda batch: session.run(None, {input_name: batch})[0]), meta
+
+
+def _openvino_model(path: Path, threads: int | None, device: str):
+    import openvino as ov
+
+    from exporters.openvino import metadata_of
+
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+    except Exception as exc:
+        raise InputError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
+    config = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, device, config)
+    return (lambda batch: compiled(batch)[0]), metadata_of(model)
+
+
+__all__ = ["Classifier", "InputError", "Prediction"]

@@ -1,0 +1,139 @@
+"""The bench stage (``pipeline bench``): latency of the fused, unfused and stock student per backend and device.
+
+Reads ``RUN_DIR/fused``, ``RUN_DIR/student`` and (when present)
+``RUN_DIR/export``; writes ``RUN_DIR/bench/latency.json`` (machine info, the
+budget, one row per target x variant x batch size, fused/stock and
+fused/unfused ratios) and prints the table. ``stock`` is the torchvision
+network the student is built on, freshly initialised: the same architecture
+as the fused student, so fused/stock ~ 1 shows that fusion left nothing behind.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import atomic_write_json, file_sha256, settings_digest
+from pipeline.errors import BadInputError
+from pipeline.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
+from pipeline.machine import machine_info
+from pipeline.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+def parse_list(text: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise BadInputError(f"unknown {what} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}")
+    return names
+
+
+def parse_devices(text: str) -> tuple[str, ...]:
+    return DEVICES if text.strip().lower() == "all" else parse_list(text, DEVICES, "device")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise BadInputError(f"batch sizes must be integers separated by commas, got '{text}'") from None
+    if not sizes or min(sizes) < 1:
+        raise BadInputError(f"batch sizes must be >= 1, got '{text}'")
+    return sizes
+
+
+def export_variant_onnx(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> Path:
+    from exporters.onnx import export_onnx
+
+    return export_onnx(module, path, tuple(meta["input_size"]), meta)
+
+
+def load_variants(run_dir: Path, work_dir: Path, need_onnx: bool) -> tuple[list[Variant], dict[str, Any]]:
+    """fused, unfused and stock versions of the run's student, with ONNX files when ``need_onnx``."""
+    from models import build_model
+    from pipeline.export import IR_FILE, ONNX_FILE, load_fused
+    from pipeline.fuse import load_student
+
+    fused, info = load_fused(run_dir)
+    unfused, _ = load_student(run_dir)
+    stock, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
+    variants = [Variant("fused", fused), Variant("unfused", unfused.float().eval()), Variant("stock", stock.eval())]
+    if need_onnx:
+        export_dir = Path(run_dir) / "export"
+        exported = (export_dir / "stage.json").exists() and (export_dir / ONNX_FILE).exists()
+        meta = {"architecture": info["architecture"], "input_size": info["input_size"]}
+        for variant in variants:
+            if variant.name == "fused" and exported:
+                variant.onnx = export_dir / ONNX_FILE
+                variant.ir = export_dir / IR_FILE if (export_dir / IR_FILE).exists() else None
+            else:
+                variant.onnx = export_variant_onnx(variant.module, work_dir / f"{variant.name}.onnx", meta)
+    return variants, info
+
+
+def run_bench(run_dir: Path, backends: Sequence[str] = BACKENDS, devices: Sequence[str] = ("cpu",),
+              batch_sizes: Sequence[int] = (1, 32), budget: Budget | None = None,
+              reuse: bool = False) -> dict[str, Any]:
+    """Measure and write ``bench/latency.json``; with ``reuse``, a finished measurement of the same
+    fused student with the same settings is kept (``pipeline run``), otherwise it is always remeasured."""
+    from pipeline.machine import usable_cores
+
+    run_dir = Path(run_dir)
+    budget = budget or Budget(threads=usable_cores())
+    stage = Stage(run_dir, "bench")
+    if not (run_dir / "fused" / "model.pt").is_file():
+        raise BadInputError(f"no fused student in {run_dir / 'fused'}; run `pipeline fuse` first")
+    settings_hash = settings_digest({"backends": list(backends), "devices": list(devices),
+                                     "batch_sizes": list(batch_sizes), "budget": vars(budget),
+                                     "fused": file_sha256(run_dir / "fused" / "model.pt")})
+    if reuse and stage.finished(settings_hash) is not None:
+        log.info("bench: measured already for this fused student and these settings; skipping")
+        return stage.finished(settings_hash)
+    stage.marker.unlink(missing_ok=True)
+    variants, info = load_variants(run_dir, stage.dir / "onnx", need_onnx=any(b != "torch" for b in backends))
+    size = info["input_size"][-1]
+    rows: list[dict[str, Any]] = []
+    for target in targets_for(backends, devices):
+        rows += measure_target(target, variants, batch_sizes, size, budget)
+    result = {
+        "machine": machine_info(),
+        "model": {"architecture": info["architecture"], "input_size": info["input_size"]},
+        "budget": {"threads": budget.threads, "warmup": budget.warmup, "iterations": budget.iterations,
+                   "duration_s": None if budget.iterations else budget.duration, "interleaved_chunk": budget.chunk},
+        "batch_sizes": list(batch_sizes),
+        "results": rows,
+        "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused"),
+    }
+    atomic_write_json(stage.dir / "latency.json", result)
+    print(format_table(result))
+    return stage.mark_complete(settings_hash, ["latency.json"],
+                               {"rows": len(rows), "skipped": sum(r["status"] == "skipped" for r in rows)})
+
+
+def format_table(result: dict[str, Any]) -> str:
+    machine = result["machine"]
+    gpu = machine.get("gpu")
+    lines = [f"latency of {result['model']['architecture']} {'x'.join(map(str, result['model']['input_size']))} "
+             f"on {machine['cpu']} ({machine['usable_cores']} cores usable; ISA {', '.join(machine['isa']) or '-'})"
+             + (f", GPU {gpu['name']}" if gpu else ", no GPU") + f"; {result['budget']['threads']} threads per backend",
+             f"{'target':<40}{'variant':<9}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
+             f"{'mean+-std ms':>18}{'img/s':>10}"]
+    skipped_targets: set[tuple[str, str]] = set()
+    for r in result["results"]:
+        target = f"{r['backend']}" + (f"[{r['provider']}]" if r["provider"] else "") + f"/{r['device']}"
+        if r["status"] != "ok":
+            if (target, r["reason"]) not in skipped_targets:  # one line per unavailable target
+                skipped_targets.add((target, r["reason"]))
+                lines.append(f"{target:<40}skipped: {r['reason']}")
+            continue
+        lines.append(f"{target:<40}{r['variant']:<9}{r['batch']:>6}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}"
+                     f"{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}+-{r['std_ms']:<6.3f}{r['throughput_ips']:>10.1f}")
+    if result["ratios"]:
+        lines.append("p50 ratios: " + "; ".join(
+            f"{q['backend']}/{q['device']} b{q['batch']} {q['ratio']} {q['p50_ratio']:.3f}" for q in result["ratios"]))
+    return "\n".join(lines)

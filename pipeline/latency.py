@@ -1,0 +1,204 @@
+"""Latency measurement of one model on one backend and device, several variants interleaved.
+
+A *target* is a backend on a device (torch eager, ONNX Runtime with an
+execution provider, OpenVINO on a device). Every backend gets the same thread
+budget. Variants of a model (fused, unfused, stock) are timed in interleaved
+rounds, so that a noisy shared machine slows them alike and their ratios stay
+meaningful; warm-up calls are excluded. A target that is not available here is
+returned as ``skipped`` with the reason, never left out.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+DEVICES = ("cpu", "cuda")
+Runner = Callable[[np.ndarray], Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    device: str  # cpu | cuda
+    provider: str = ""  # ONNX Runtime execution provider / OpenVINO device name
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}[{self.provider}]" if self.provider else self.backend
+
+
+@dataclass
+class Variant:
+    """One model to time: the torch module and, for the other backends, its ONNX file (and optional IR)."""
+    name: str
+    module: torch.nn.Module
+    onnx: Path | None = None
+    ir: Path | None = None
+
+
+@dataclass
+class Budget:
+    threads: int
+    warmup: int = 10
+    iterations: int | None = None  # per variant; None: run for `duration` seconds in total
+    duration: float = 3.0
+    chunk: int = 5  # calls per variant per interleaved round
+
+
+def targets_for(backends: Sequence[str], devices: Sequence[str]) -> list[Target]:
+    targets = []
+    for device in devices:
+        for backend in backends:
+            if backend == "torch":
+                targets.append(Target("torch", device))
+            elif backend == "onnxruntime":
+                if device == "cpu":
+                    targets.append(Target("onnxruntime", "cpu", "CPUExecutionProvider"))
+                else:
+                    targets += [Target("onnxruntime", "cuda", "CUDAExecutionProvider"),
+                                Target("onnxruntime", "cuda", "TensorrtExecutionProvider")]
+            elif backend == "openvino":
+                targets.append(Target("openvino", device, "CPU" if device == "cpu" else "GPU"))
+    return targets
+
+
+def unavailable_reason(target: Target) -> str | None:
+    """Why ``target`` cannot run here, or None when it can."""
+    if target.backend == "torch":
+        if target.device == "cuda" and not torch.cuda.is_available():
+            return "torch.cuda.is_available() is False: no CUDA device or driver (or a CPU-only torch build)"
+        return None
+    if target.backend == "onnxruntime":
+        import onnxruntime as ort
+
+        if target.provider not in ort.get_available_providers():
+            hint = " (install onnxruntime-gpu)" if target.provider == "CUDAExecutionProvider" else \
+                " (needs onnxruntime-gpu built with TensorRT and the TensorRT libraries)"
+            return f"this onnxruntime has no {target.provider}{hint}; available: {ort.get_available_providers()}"
+        if target.device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    import openvino as ov
+
+    devices = ov.Core().available_devices
+    if not any(d.split(".")[0] == target.provider for d in devices):
+        return f"OpenVINO sees no {target.provider} device; available: {devices}"
+    return None
+
+
+def make_runner(target: Target, variant: Variant, threads: int) -> Runner:
+    if target.backend == "torch":
+        device = torch.device(target.device)
+        module = variant.module.to(device).eval()
+
+        def run(batch: np.ndarray) -> Any:
+            with torch.inference_mode():
+                out = module(torch.from_numpy(batch).to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        return run
+    if variant.onnx is None:
+        raise ValueError(f"variant {variant.name} has no ONNX file for {target.label}")
+    if target.backend == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(variant.onnx), options, providers=[target.provider])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+    if target.provider == "CPU":
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(str(variant.ir or variant.onnx), target.provider, config)
+    request = compiled.create_infer_request()
+    return lambda batch: request.infer([batch])
+
+
+def summarize(times_s: Sequence[float], batch: int) -> dict[str, float]:
+    ms = np.asarray(times_s) * 1e3
+    return {"iterations": len(ms), "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+            "std_ms": float(ms.std(ddof=1)) if len(ms) > 1 else 0.0,
+            "throughput_ips": float(batch / (ms.mean() / 1e3))}
+
+
+def time_interleaved(runners: Mapping[str, Runner], batch: np.ndarray, budget: Budget) -> dict[str, list[float]]:
+    """Per-call wall times (seconds) of every runner, in interleaved rounds after warm-up."""
+    for run in runners.values():
+        for _ in range(budget.warmup):
+            run(batch)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    start = time.perf_counter()
+    while True:
+        for name, run in runners.items():
+            for _ in range(budget.chunk):
+                t0 = time.perf_counter()
+                run(batch)
+                times[name].append(time.perf_counter() - t0)
+        done = min(len(t) for t in times.values())
+        if budget.iterations is not None:
+            if done >= budget.iterations:
+                break
+        elif time.perf_counter() - start >= budget.duration and done >= 3:
+            break
+    return times
+
+
+def measure_target(target: Target, variants: Sequence[Variant], batch_sizes: Sequence[int], image_size: int,
+                   budget: Budget) -> list[dict[str, Any]]:
+    """One result row per (variant, batch size): timings, or ``skipped`` with the reason."""
+    base = {"backend": target.backend, "device": target.device, "provider": target.provider,
+            "threads": budget.threads}
+    reason = unavailable_reason(target)
+    if reason is not None:
+        return [{**base, "variant": v.name, "batch": b, "status": "skipped", "reason": reason}
+                for v in variants for b in batch_sizes]
+    usable = [v for v in variants if target.backend == "torch" or v.onnx is not None]
+    rows = [{**base, "variant": v.name, "batch": b, "status": "skipped", "reason": "no exported file for this variant"}
+            for v in variants if v not in usable for b in batch_sizes]
+    torch.set_num_threads(budget.threads)
+    try:
+        runners = {v.name: make_runner(target, v, budget.threads) for v in usable}
+    except Exception as exc:  # a runtime that refuses the model is a result, not a crash of the benchmark
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return rows + [{**base, "variant": v.name, "batch": b, "status": "skipped", "reason": reason}
+                       for v in usable for b in batch_sizes]
+    gen = np.random.default_rng(0)
+    for batch_size in batch_sizes:
+        batch = gen.standard_normal((batch_size, 3, image_size, image_size), dtype=np.float32)
+        times = time_interleaved(runners, batch, budget)
+        for name, series in times.items():
+            rows.append({**base, "variant": name, "batch": batch_size, "status": "ok", **summarize(series, batch_size)})
+            log.info("bench: %-28s %-8s batch %-3d p50 %8.3f ms", f"{target.label}/{target.device}", name,
+                     batch_size, rows[-1]["p50_ms"])
+    return rows
+
+
+def ratios(rows: Sequence[dict[str, Any]], numerator: str, denominator: str) -> list[dict[str, Any]]:
+    """p50 ratios of two variants for every target and batch size where both were measured."""
+    index = {(r["backend"], r["provider"], r["device"], r["batch"], r["variant"]): r for r in rows
+             if r["status"] == "ok"}
+    out = []
+    for (backend, provider, device, batch, variant), row in index.items():
+        if variant != numerator:
+            continue
+        other = index.get((backend, provider, device, batch, denominator))
+        if other:
+            out.append({"backend": backend, "provider": provider, "device": device, "batch": batch,
+                        "ratio": f"{numerator}/{denominator}", "p50_ratio": row["p50_ms"] / other["p50_ms"]})
+    return out

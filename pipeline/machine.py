@@ -1,0 +1,73 @@
+"""What a latency figure was measured on: CPU model, cores, ISA flags, GPU, library versions."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+from typing import Any
+
+# The instruction-set extensions that decide which kernels the runtimes pick (bf16/int8 paths especially).
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
+             "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def gpu_info() -> dict[str, Any] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    info: dict[str, Any] = {"name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+                            "cuda": torch.version.cuda}
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            if out:
+                driver, memory = (part.strip() for part in out[0].split(","))
+                info.update(driver=driver, memory=memory)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    return info
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+    import openvino
+    import torch
+
+    model, flags = _cpuinfo()
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "gpu": gpu_info(),
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                     "openvino": openvino.__version__},
+    }

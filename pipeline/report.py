@@ -1,0 +1,287 @@
+"""The report stage: ``RUN_DIR/report.md`` for a person, ``RUN_DIR/report.json`` for a machine, PNG plots.
+
+Everything is read from the stages' own files; the report is rebuilt only when
+one of them changed (``report/stage.json`` holds their hashes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoint import atomic_write_json, atomic_write_text, file_sha256, read_json, settings_digest
+from pipeline.stage import Stage
+
+log = logging.getLogger(__name__)
+
+SOURCES = ["manifest.json", "config.yaml", "teacher/metrics.json", "teacher/metrics.jsonl", "student/metrics.json",
+           "student/metrics.jsonl", "baseline/student/metrics.json", "baseline/student/metrics.jsonl",
+           "fused/metrics.json", "fused/equivalence.json", "export/equivalence.json", "export/manifest.json",
+           "bench/latency.json"]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    return rows
+
+
+def collect(run_dir: Path) -> dict[str, Any]:
+    """The report's content as one JSON-able dict."""
+    manifest = read_json(run_dir / "manifest.json") or {}
+    teacher = read_json(run_dir / "teacher/metrics.json") or {}
+    student = read_json(run_dir / "student/metrics.json") or {}
+    baseline = read_json(run_dir / "baseline/student/metrics.json") or {}
+    fused = read_json(run_dir / "fused/metrics.json") or {}
+    export_manifest = read_json(run_dir / "export/manifest.json") or {}
+    latency = read_json(run_dir / "bench/latency.json") or {}
+    arch = student.get("arch", {})
+    accuracy = [
+        {"model": f"teacher ({teacher.get('arch', {}).get('name', '?')})", "role": "teacher",
+         "top1": teacher.get("top1"), "params": teacher.get("arch", {}).get("params")},
+        {"model": f"student alone ({arch.get('name', '?')}, same budget)", "role": "baseline",
+         "top1": baseline.get("top1")},
+        {"model": f"multi-branch student ({arch.get('name', '?')}, {arch.get('method', '?')})", "role": "student",
+         "top1": student.get("top1")},
+        {"model": f"fused student ({(read_json(run_dir / 'fused/model.json') or {}).get('architecture', '?')})",
+         "role": "fused", "top1": fused.get("top1")},
+    ]
+    return {
+        "run": manifest.get("run", {}),
+        "dataset": student.get("dataset") or teacher.get("dataset"),
+        "image_size": student.get("image_size"),
+        "test_images": student.get("test_images"),
+        "train_images": student.get("train_images"),
+        "accuracy": [a for a in accuracy if a["top1"] is not None],
+        "student": {"arch": arch.get("name"), "method": arch.get("method"),
+                    "method_options": arch.get("method_options"), "multibranch": arch.get("multibranch"),
+                    "teacher": arch.get("teacher")},
+        "curves": {name: _jsonl(run_dir / path) for name, path in
+                   (("teacher", "teacher/metrics.jsonl"), ("student", "student/metrics.jsonl"),
+                    ("baseline", "baseline/student/metrics.jsonl"))},
+        "equivalence": {"fuse": read_json(run_dir / "fused/equivalence.json"),
+                        "export": read_json(run_dir / "export/equivalence.json")},
+        "latency": latency,
+        "artifacts": {"input": export_manifest.get("input"), "output": export_manifest.get("output"),
+                      "files": export_manifest.get("artifacts", []), "onnx": export_manifest.get("onnx")},
+        "stages": manifest.get("stages", {}),
+    }
+
+
+# --------------------------------------------------------------------------- plots
+
+def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+
+    curves = {k: v for k, v in report["curves"].items() if v}
+    if curves:
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
+        for name, rows in curves.items():
+            epochs = [r["epoch"] for r in rows]
+            ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", label=f"{name} test")
+            ax_acc.plot(epochs, [r["train_top1"] for r in rows], linestyle="--", alpha=0.6, label=f"{name} train")
+            ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=name)
+        ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy per epoch")
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (students: task + distillation)")
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        made["training_curves"] = _save(fig, folder / "training_curves.png")
+
+    if report["accuracy"]:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        names = [a["model"] for a in report["accuracy"]]
+        values = [a["top1"] for a in report["accuracy"]]
+        bars = ax.barh(names, values, color=["#4c72b0", "#999999", "#dd8452", "#55a868"][:len(values)])
+        ax.bar_label(bars, labels=[f"{v:.2f}%" for v in values], padding=3, fontsize=8)
+        low = max(0.0, min(values) - 10)
+        ax.set(xlim=(low, min(100.0, max(values) + 5)), xlabel="test top-1 (%)", title="accuracy")
+        ax.invert_yaxis()
+        made["accuracy"] = _save(fig, folder / "accuracy.png")
+
+    rows = [r for r in report["latency"].get("results", []) if r.get("status") == "ok"]
+    if rows:
+        groups = sorted({(r["backend"], r["device"], r["batch"]) for r in rows},
+                        key=lambda g: (g[1], g[0], g[2]))
+        variants = [v for v in ("fused", "unfused", "stock") if any(r["variant"] == v for r in rows)]
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 3.6))
+        width = 0.8 / len(variants)
+        for i, variant in enumerate(variants):
+            values = [next((r["p50_ms"] for r in rows if (r["backend"], r["device"], r["batch"]) == g
+                            and r["variant"] == variant), 0.0) for g in groups]
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=variant)
+        ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(groups))],
+                      [f"{b}\n{d} b{n}" for b, d, n in groups], fontsize=8)
+        ax.set(ylabel="p50 latency (ms, log)", yscale="log", title="latency per backend, device and batch")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        made["latency"] = _save(fig, folder / "latency.png")
+    return made
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path.name
+
+
+# --------------------------------------------------------------------------- markdown
+
+def _fmt(value: Any, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _summary(report: dict[str, Any]) -> list[str]:
+    acc = {a["role"]: a["top1"] for a in report["accuracy"]}
+    run = report["run"]
+    text = [f"**{run.get('student', '?')}** distilled from **{run.get('teacher', '?')}** with "
+            f"**{report['student'].get('method', '?')}** on **{report.get('dataset', '?')}** "
+            f"({report.get('train_images', '?')} training images, {report.get('test_images', '?')} test images, "
+            f"{report.get('image_size', '?')}x{report.get('image_size', '?')} px)."]
+    if "fused" in acc:
+        line = f"The fused student ships at **{acc['fused']:.2f}%** test top-1"
+        if "teacher" in acc:
+            line += f" (teacher {acc['teacher']:.2f}%"
+            line += f", student trained alone with the same budget {acc['baseline']:.2f}%)" if "baseline" in acc \
+                else ")"
+        text.append(line + ".")
+    eq = report["equivalence"]
+    gates = [("fusion", eq.get("fuse")), ("export", eq.get("export"))]
+    text.append("Equivalence gates: " + ", ".join(
+        f"{name} {'passed' if data and data.get('passed') else 'FAILED' if data else 'not run'}"
+        for name, data in gates) + ".")
+    rows = {(r["backend"], r["variant"], r["batch"]): r["p50_ms"] for r in report["latency"].get("results", [])
+            if r.get("status") == "ok" and r["device"] == "cpu"}
+    torch_b1 = rows.get(("torch", "fused", 1))
+    deploy = {b: rows[(b, "fused", 1)] for b in ("onnxruntime", "openvino") if (b, "fused", 1) in rows}
+    if torch_b1 and deploy:
+        best = min(deploy, key=deploy.get)
+        text.append(f"Batch-1 CPU latency (p50): {best} {deploy[best]:.2f} ms vs torch eager {torch_b1:.2f} ms "
+                    f"({torch_b1 / deploy[best]:.1f}x faster).")
+    return [" ".join(text), ""]
+
+
+def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    run = report["run"]
+    md = [f"# Run report: {run.get('teacher', '?')} -> {run.get('student', '?')} on {report.get('dataset', '?')}", ""]
+    md += _summary(report)
+
+    md += ["## Accuracy", ""]
+    md += _table(["model", "test top-1"], [(a["model"], _fmt(a["top1"], ".2f", "%")) for a in report["accuracy"]])
+    if "accuracy" in plots:
+        md += [f"![accuracy](report/{plots['accuracy']})", ""]
+    if "training_curves" in plots:
+        md += ["### Training curves", "", f"![training curves](report/{plots['training_curves']})", ""]
+    s = report["student"]
+    if s.get("multibranch"):
+        mb = s["multibranch"]
+        md += [f"Student: {s['arch']} with m={mb.get('m')} parallel branches at {mb.get('points')} distillation "
+               f"point(s), method {s.get('method')} {json.dumps(s.get('method_options') or {})}; teacher forward "
+               f"precision {(s.get('teacher') or {}).get('precision', 'n/a')}.", ""]
+
+    md += ["## Equivalence", ""]
+    fuse = report["equivalence"].get("fuse")
+    if fuse:
+        md += ["Branch fusion (multi-branch student vs fused network):", ""]
+        md += _table(["check", "dtype", "max abs diff", "tolerance", "top-1 agreement", "result"],
+                     [(c["name"], c["dtype"], f"{c['max_abs_diff']:.2e}", f"{c['tolerance']:.1e}",
+                       f"{c['top1_agreement']:.1f}%", "pass" if c["passed"] else "FAIL") for c in fuse["checks"]])
+    export = report["equivalence"].get("export")
+    if export:
+        md += [f"Exported artifacts vs the fused PyTorch model ({export['images']} held-out test images):", ""]
+        md += _table(["runtime", "max abs diff", "tolerance", "top-1 agreement", "result"],
+                     [(c["name"], f"{c['max_abs_diff']:.2e}", f"{c['tolerance']:.1e}", f"{c['top1_agreement']:.1f}%",
+                       "pass" if c["passed"] else "FAIL") for c in export["gated"]]
+                     + [(c["name"], f"{c['max_abs_diff']:.2e}", "-", f"{c['top1_agreement']:.1f}%",
+                         "reported, not gated") for c in export["reported"]])
+
+    latency = report["latency"]
+    if latency:
+        m = latency["machine"]
+        md += ["## Latency", "",
+               f"{m['cpu']}, {m['usable_cores']} usable cores, ISA: {', '.join(m['isa']) or '-'}; GPU: "
+               f"{(m.get('gpu') or {}).get('name', 'none')}. {latency['budget']['threads']} threads for every "
+               f"backend, {latency['budget']['warmup']} warm-up calls excluded, variants timed in interleaved rounds.",
+               ""]
+        ok = [r for r in latency["results"] if r["status"] == "ok"]
+        md += _table(["backend", "device", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "mean +- std ms",
+                      "images/s"],
+                     [(r["backend"] + (f" ({r['provider']})" if r["provider"] else ""), r["device"], r["variant"],
+                       r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                       f"{r['mean_ms']:.3f} +- {r['std_ms']:.3f}", f"{r['throughput_ips']:.1f}") for r in ok])
+        skipped = sorted({(r["backend"] + (f" ({r['provider']})" if r["provider"] else ""), r["device"], r["reason"])
+                          for r in latency["results"] if r["status"] != "ok"})
+        if skipped:
+            md += ["Skipped targets:", ""] + [f"- {b} on {d}: {reason}" for b, d, reason in skipped] + [""]
+        if latency.get("ratios"):
+            md += _table(["backend", "device", "batch", "ratio", "p50 ratio"],
+                         [(q["backend"], q["device"], q["batch"], q["ratio"], f"{q['p50_ratio']:.3f}")
+                          for q in latency["ratios"]])
+        if "latency" in plots:
+            md += [f"![latency](report/{plots['latency']})", ""]
+
+    art = report["artifacts"]
+    if art.get("files"):
+        md += ["## Artifacts", "", "In `export/` (what to ship):", ""]
+        md += _table(["file", "bytes", "sha256"], [(f"`{a['path']}`", a["bytes"], f"`{a['sha256']}`")
+                                                  for a in art["files"]])
+        i = art["input"]
+        md += [f"Input `{i['name']}`: float32 {i['layout']} {i['shape']}, {i['channel_order']}, pixels x "
+               f"{i['pixel_scale']:.6f}, then (x - mean) / std with mean {i['mean']} and std {i['std']}; "
+               f"fitting: {i['fit']}. Output `{art['output']['name']}`: {art['output']['meaning']}. "
+               f"ONNX opset {art['onnx']['opset']} ({art['onnx']['exporter']} exporter). "
+               "Classify files with `pipeline predict --model export/model.onnx IMAGE...`.", ""]
+
+    if report["stages"]:
+        md += ["## Stages", ""]
+        md += _table(["stage", "status", "last action", "wall time (s)", "settings hash"],
+                     [(name, st.get("status"), st.get("action", "-"), _fmt(st.get("wall_s"), ".1f"),
+                       f"`{st.get('settings_hash') or '-'}`") for name, st in report["stages"].items()
+                      if name != "report"])
+    md += ["Machine-readable: `report.json`. Settings: `config.yaml`. Stage records: `manifest.json`.", ""]
+    return "\n".join(md)
+
+
+def write_report(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    stage = Stage(run_dir, "report")
+    # the manifest changes with every invocation (timings, actions); the report follows the stages' results
+    inputs = {name: file_sha256(run_dir / name) for name in SOURCES
+              if name != "manifest.json" and (run_dir / name).is_file()}
+    settings_hash = settings_digest(inputs)
+    done = stage.finished(settings_hash)
+    if done is not None and (run_dir / "report.md").exists() and (run_dir / "report.json").exists():
+        log.info("report: up to date; skipping")
+        return done
+    report = collect(run_dir)
+    plots = _plots(report, stage.dir)
+    report["plots"] = {name: f"report/{file}" for name, file in plots.items()}
+    atomic_write_json(run_dir / "report.json", report)
+    atomic_write_text(run_dir / "report.md", to_markdown(report, plots))
+    log.info("report: %s, %s", run_dir / "report.md", run_dir / "report.json")
+    return stage.mark_complete(settings_hash, list(plots.values()), {"plots": list(plots.values())})

@@ -1,0 +1,134 @@
+"""The teacher-output cache (pipeline/methods/teacher_cache.py) with a real Swin teacher and a real student."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from models import build_model, get_spec
+from models.reparam import build_multibranch_student
+from pipeline.config import StudentConfig
+from pipeline.data import BatchPreprocessor
+from pipeline.distill import make_teacher_cache, setup_feature_method
+from pipeline.methods import DistillTask, FrozenTeacher
+from pipeline.methods.kdiffusion import KDiffusion
+from pipeline.methods.teacher_cache import TeacherOutputCache, input_digests
+
+
+@pytest.fixture(scope="module")
+def task() -> DistillTask:
+    """KDiffusion at three points (three taps + logits through the cache) with a logit-KD term."""
+    torch.manual_seed(0)
+    teacher_model, _, _ = build_model("swin", 10, 32, drop_path=0.0)
+    teacher = FrozenTeacher(teacher_model, "fp32", get_spec("swin").taps)
+    student, arch = build_multibranch_student("shufflenetv2_x0_5", 10, 32, m=2, points="multi")
+    points = arch["multibranch"]["distill_points"]
+    method = KDiffusion(lambda_kd=0.5)
+    setup_feature_method(method, student, teacher, points, 2, torch.randn(4, 3, 32, 32))
+    return DistillTask(student, method, teacher, {p["tap"]: p["conv"] for p in points})
+
+
+def _step(task: DistillTask, images: torch.Tensor, labels: torch.Tensor):
+    """One training forward/backward from a fixed RNG state: the losses and every parameter gradient."""
+    torch.manual_seed(1)  # the branch shuffle draws from the global generator
+    task.train()
+    _, losses = task(images, labels)
+    losses["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+    return {k: v.item() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-4), (torch.float16, 2e-3)])
+def test_cached_teacher_gives_the_live_losses_and_gradients(task, dtype, rel):
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    live_losses, live_grads = _step(copy.deepcopy(task), images, labels)
+    cached = copy.deepcopy(task)
+    cache = TeacherOutputCache(2**30, dtype)
+    names = cached.method.teacher_taps
+    order = torch.randperm(8)  # fill it in another order and other batches than the step will ask for
+    cache.fetch(cached.teacher.with_features, images[order[:5]], names)
+    cache.fetch(cached.teacher.with_features, images[order[5:]], names)
+    cache.reset_counts()
+    cached.teacher_cache = cache
+    cached_losses, cached_grads = _step(cached, images, labels)
+    assert cache.hits == 8 and cache.misses == 0  # the teacher did not run
+    assert set(cached_losses) == {"ce", "diff", "guided", "kd", "loss"}
+    for name, value in live_losses.items():
+        assert cached_losses[name] == pytest.approx(value, rel=rel, abs=1e-6), name
+    assert cached_grads.keys() == live_grads.keys()
+    floor = 1e-3 * max(g.abs().max() for g in live_grads.values())  # tensors with ~no gradient: rounding noise
+    for name, grad in live_grads.items():
+        scale = torch.maximum(grad.abs().max(), floor)
+        assert (cached_grads[name] - grad).abs().max() / scale < 10 * rel, name
+
+
+def test_misses_run_the_teacher_on_new_images_only_and_the_bound_holds(task):
+    teacher = task.teacher
+    calls: list[int] = []
+
+    def counted(images: torch.Tensor, names: list[str]):
+        calls.append(len(images))
+        return teacher.with_features(images, names)
+
+    names = task.method.teacher_taps
+    images = torch.randn(6, 3, 32, 32)
+    entry = TeacherOutputCache(2**30, torch.float32)
+    entry.fetch(counted, images[:1], names)
+    room = 3 * (entry.bytes_used)  # room for three images
+    cache = TeacherOutputCache(room, torch.float32)
+    logits, feats = cache.fetch(counted, images[:4], names)
+    assert len(cache) == 3 and cache.bytes_used <= room  # the fourth image did not fit
+    live_logits, live_feats = teacher.with_features(images[:4], names)
+    assert torch.allclose(logits, live_logits, atol=1e-5)
+    assert all(torch.allclose(feats[n], live_feats[n], atol=1e-5) for n in names)
+    calls.clear()
+    cache.fetch(counted, images[2:6], names)  # images 2 cached; 3 (not stored), 4, 5 new
+    assert calls == [3] and cache.hits == 1
+
+
+def test_keys_follow_the_input_itself():
+    images = torch.randn(3, 3, 32, 32)
+    keys = input_digests(images)
+    assert len(set(keys)) == 3 and input_digests(images.clone()) == keys
+    assert input_digests(images.flip(-1)) != keys  # the flipped version of an image is another entry
+    assert input_digests(images.reshape(3, 3, 16, 64))[0] != keys[0]  # same bytes, other shape
+    nudged = images.clone()
+    nudged[0, 0, 0, 0] += 1e-6
+    assert input_digests(nudged)[0] != keys[0]
+
+
+def test_float16_overflow_widens_the_cache():
+    def teacher(images: torch.Tensor, names: list[str]):
+        return images.flatten(1)[:, :4] * 1e6, {}
+
+    cache = TeacherOutputCache(2**20, torch.float16)
+    first = torch.randn(2, 1, 2, 2)
+    cache.fetch(teacher, first, [])
+    logits, _ = cache.fetch(teacher, first, [])
+    assert cache.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert torch.allclose(logits, first.flatten(1)[:, :4] * 1e6)
+
+
+def test_the_cache_is_on_only_where_augmentation_repeats_inputs():
+    student = StudentConfig()
+    assert isinstance(make_teacher_cache(student, "flip"), TeacherOutputCache)
+    assert isinstance(make_teacher_cache(student, "none"), TeacherOutputCache)
+    assert make_teacher_cache(student, "crop-flip") is None  # random crops: nearly every input is new
+    assert make_teacher_cache(StudentConfig(teacher_cache="off"), "flip") is None
+    assert make_teacher_cache(StudentConfig(teacher_cache_mb=0), "none") is None
+    assert make_teacher_cache(StudentConfig(teacher_cache_dtype="float32"), "flip").dtype == torch.float32
+
+
+def test_flip_augmentation_yields_two_keys_per_image_across_epochs():
+    """With 'flip' the preprocessed inputs repeat across epochs (so the cache pays); with crop-flip they do not."""
+    images = torch.randint(0, 255, (64, 1, 28, 28), dtype=torch.uint8)
+    indices = torch.arange(64)
+
+    def distinct(augment: str, epochs: int = 6) -> int:
+        prep = BatchPreprocessor(32, (0.5,) * 3, (0.25,) * 3, seed=0, augment=augment)
+        return len({k for e in range(epochs) for k in input_digests(prep(images, indices, e, 64))})
+
+    assert distinct("none") == 64
+    assert 64 < distinct("flip") <= 128
+    assert distinct("crop-flip") > 3 * 64

@@ -1,0 +1,244 @@
+"""Export (ONNX + OpenVINO IR), its equivalence gates, the runtime helper and `pipeline predict`.
+
+Real exporters, real ONNX Runtime and OpenVINO sessions, real files on disk.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from exporters import metadata as md
+from exporters.onnx import export_onnx
+from exporters.onnx import read_metadata as onnx_metadata
+from exporters.openvino import convert_onnx, save_ir
+from exporters.openvino import read_metadata as ir_metadata
+from exporters.runtime import Classifier, InputError
+from models import model_names
+from models.reparam import build_multibranch_student, fuse_model
+from pipeline.checkpoint import file_sha256
+from pipeline.equivalence import Tolerances, judge, randomize_bn_statistics
+from pipeline.export import compare_runner, onnxruntime_runner, openvino_runner
+from tests.conftest import TINY, run_cli
+
+META = {"architecture": "test-arch", "zoo_name": "test", "classes": [f"class {i}" for i in range(10)],
+        "input_size": [3, 32, 32], "channel_order": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+QUICK = {"shufflenetv2_x0_5"}
+
+
+def _student_params():
+    return [pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in model_names("student")]
+
+
+@pytest.mark.parametrize("name", _student_params())
+def test_every_fused_student_exports_and_meets_the_f32_gates(name, tmp_path):
+    multi, arch = build_multibranch_student(name, 10, 32, 2, "multi", "none")
+    fused = fuse_model(randomize_bn_statistics(multi, seed=1)).eval()
+    meta = md.build({**META, "architecture": arch["torchvision_name"]}, input_name="images", output_name="logits",
+                    config_sha256="c" * 64, source_sha256="s" * 64)
+    path = export_onnx(fused, tmp_path / "model.onnx", (3, 32, 32), meta)
+    onnx.checker.check_model(str(path), full_check=True)
+    assert not (tmp_path / "model.onnx.data").exists()  # one self-contained file
+    proto = onnx.load(str(path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+    assert onnx_metadata(path) == meta
+    ir = save_ir(convert_onnx(path, meta), tmp_path / "ir" / "model.xml", compress_to_fp16=False)
+    assert ir_metadata(ir) == meta
+
+    images = torch.randn(14, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tol = Tolerances()
+    for runner_name, runner in (("onnxruntime", onnxruntime_runner(path)),
+                                ("openvino f32", openvino_runner(ir, {"INFERENCE_PRECISION_HINT": "f32"}))):
+        for c in compare_runner(runner_name, fused, runner, images, (1, 7)):
+            judge(c, tol)
+            assert c.passed, (name, c)
+            assert c.max_abs_diff <= 1e-4 * max(1.0, c.max_abs_logit)
+
+
+def test_unknown_exporter_and_low_opset_are_refused(tmp_path):
+    from pipeline.errors import ExportError
+
+    model = torch.nn.Conv2d(3, 2, 1)
+    with pytest.raises(ExportError, match="valid: dynamo, torchscript"):
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), META, exporter="jit")
+    with pytest.raises(ExportError, match="opset >= 18"):
+        export_onnx(model, tmp_path / "m.onnx", (3, 8, 8), META, opset=13)
+
+
+# --------------------------------------------------------------------------- the stage, through the CLI
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, fashion_root) -> Path:
+    """A run directory with a student trained briefly on real Fashion-MNIST, fused and exported."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--data-root",
+                     str(fashion_root), "--epochs", "1", "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    for stage in (["fuse", "--images", "32"], ["export", "--images", "35"]):
+        result = run_cli(*stage, "--run-dir", str(run_dir), "--data-root", str(fashion_root))
+        assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_export_stage_writes_gated_self_describing_artifacts(exported):
+    export_dir = exported / "export"
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    paths = {a["path"] for a in manifest["artifacts"]}
+    assert paths == {"model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
+                     "openvino/model_fp16.bin"}
+    for artifact in manifest["artifacts"]:
+        assert file_sha256(export_dir / artifact["path"]) == artifact["sha256"]
+    assert manifest["input"]["shape"] == ["batch", 3, 32, 32] and manifest["onnx"]["opset"] == 18
+    assert manifest["classes"][0] == "T-shirt/top"
+
+    report = json.loads((export_dir / "equivalence.json").read_text())
+    assert report["passed"] and report["images"] == 35
+    gated = {c["name"] for c in report["gated"]}
+    assert gated == {f"{r}, batch {b}" for r in ("onnxruntime CPU", "openvino CPU f32") for b in (1, 7)}
+    assert all(c["passed"] and c["top1_agreement"] == 100.0 for c in report["gated"])
+    reported = {c["name"] for c in report["reported"]}
+    assert reported == {"openvino CPU default precision, batch 7", "openvino CPU FP16 IR, batch 7"}
+
+    meta = onnx_metadata(export_dir / "model.onnx")
+    assert meta == ir_metadata(export_dir / "openvino" / "model.xml") == manifest["metadata"]
+    assert meta["source_sha256"] == file_sha256(exported / "fused" / "model.pt")
+    assert meta["architecture"] == "shufflenet_v2_x0_5" and meta["classes"] == manifest["classes"]
+
+
+def test_export_rerun_skips_when_nothing_changed(exported, fashion_root):
+    before = file_sha256(exported / "export" / "model.onnx")
+    result = run_cli("export", "--run-dir", str(exported), "--data-root", str(fashion_root), "--images", "35")
+    assert result.returncode == 0, result.stderr
+    assert "up to date" in result.stderr and file_sha256(exported / "export" / "model.onnx") == before
+
+
+def _perturb_classifier(path: Path) -> None:
+    """Nudge the weights of one class in the classifier (the only 2-D initializer) by 0.01."""
+    proto = onnx.load(str(path))
+    init = next(t for t in proto.graph.initializer if len(t.dims) == 2)
+    weights = onnx.numpy_helper.to_array(init).copy()
+    weights[0 if weights.shape[0] == 10 else slice(None), 0 if weights.shape[0] != 10 else slice(None)] += 0.01
+    init.CopyFrom(onnx.numpy_helper.from_array(weights, init.name))
+    onnx.save(proto, str(path))
+
+
+def test_a_perturbed_weight_in_the_exported_file_fails_the_gate(exported, fashion_root, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(exported, run_dir)
+    _perturb_classifier(run_dir / "export" / "model.onnx")
+    result = run_cli("export", "--verify", "--formats", "onnx", "--run-dir", str(run_dir), "--data-root",
+                     str(fashion_root), "--images", "35")
+    assert result.returncode == 3, result.stderr
+    assert "error: export equivalence gate failed: onnxruntime CPU, batch 1" in result.stderr
+    assert json.loads((run_dir / "export" / "verify.json").read_text())["passed"] is False
+    # the untouched original still verifies
+    result = run_cli("export", "--verify", "--run-dir", str(exported), "--data-root", str(fashion_root))
+    assert result.returncode == 0, result.stderr
+
+
+def _fashion_pngs(folder: Path, count: int) -> tuple[list[Path], torch.Tensor]:
+    from pipeline.data import load_dataset
+
+    bundle = load_dataset("fashion-mnist", None, False, 32)
+    folder.mkdir(parents=True, exist_ok=True)
+    files, raw = [], []
+    for i in range(count):
+        image = bundle.test[i][0]
+        raw.append(image)
+        files.append(folder / f"test_{i}.png")
+        Image.fromarray(image.numpy()[0]).save(files[-1])
+    return files, torch.stack(raw)
+
+
+@pytest.mark.parametrize("artifact", ["model.onnx", "openvino/model.xml"])
+def test_predict_on_real_images_agrees_with_the_pytorch_model(exported, tmp_path, artifact):
+    from pipeline.data import BatchPreprocessor
+    from pipeline.export import load_fused
+
+    files, raw = _fashion_pngs(tmp_path / "images", 12)
+    model, info = load_fused(exported)
+    with torch.no_grad():
+        probs = torch.softmax(model(BatchPreprocessor(32, info["mean"], info["std"])(raw)), 1)
+    result = run_cli("predict", "--model", str(exported / "export" / artifact), "--json", "--top-k", "3",
+                     *map(str, files))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [p["image"] for p in lines] == [str(f) for f in files]
+    assert [p["index"] for p in lines] == probs.argmax(1).tolist()
+    assert [p["label"] for p in lines] == [info["classes"][i] for i in probs.argmax(1).tolist()]
+    np.testing.assert_allclose([p["probability"] for p in lines], probs.max(1).values.numpy(), atol=1e-4)
+    assert all(len(p["top"]) == 3 for p in lines)
+
+
+def test_runtime_helper_rejects_wrong_inputs_clearly(exported, tmp_path):
+    clf = Classifier(exported / "export" / "model.onnx")
+    good = np.zeros((2, 3, 32, 32), np.float32)
+    assert clf.logits(good).shape == (2, 10)
+    with pytest.raises(InputError, match=r"input has 1 channels .* the model takes N x 3 x 32 x 32"):
+        clf.logits(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(InputError, match=r"input is 28x28 pixels"):
+        clf.logits(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(InputError, match=r"input has shape \(3, 32, 32\)"):
+        clf.logits(np.zeros((3, 32, 32), np.float32))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="cannot read image .*notes.txt"):
+        clf.classify([tmp_path / "notes.txt"])
+    bare = tmp_path / "bare.onnx"
+    shutil.copy(exported / "bench" / "onnx" / "stock.onnx" if (exported / "bench").exists()
+                else exported / "export" / "model.onnx", bare)
+    proto = onnx.load(str(bare))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(bare))
+    with pytest.raises(InputError, match="carries no pipeline metadata"):
+        Classifier(bare)
+
+
+def test_predict_cli_bad_input(exported, tmp_path):
+    result = run_cli("predict", "--model", str(exported / "fused" / "model.pt"), "x.png")
+    assert result.returncode == 2 and "unknown model format '.pt'; valid: .onnx" in result.stderr
+    result = run_cli("predict", "--model", str(exported / "export" / "model.onnx"), str(tmp_path / "missing.png"))
+    assert result.returncode == 2 and "missing.png does not exist" in result.stderr
+
+
+def test_export_bad_input(exported, tmp_path):
+    result = run_cli("export", "--run-dir", str(exported), "--formats", "onnx,tflite")
+    assert result.returncode == 2 and "unknown export format(s) tflite; valid: onnx, openvino" in result.stderr
+    result = run_cli("export", "--run-dir", str(tmp_path / "empty"))
+    assert result.returncode == 2 and "run `pipeline fuse` first" in result.stderr
+
+
+def test_bench_measures_cpu_targets_and_explains_missing_gpu_ones(exported, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(exported, run_dir)
+    result = run_cli("bench", "--run-dir", str(run_dir), "--bench-device", "all", "--batch-sizes", "1,3",
+                     "--iterations", "4", "--warmup", "1", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    assert "p50 ms" in result.stdout and "fused/stock" in result.stdout
+    latency = json.loads((run_dir / "bench" / "latency.json").read_text())
+    assert latency["budget"]["threads"] == 1 and latency["machine"]["usable_cores"] >= 1
+    assert latency["machine"]["cpu"] and isinstance(latency["machine"]["isa"], list)
+    rows = latency["results"]
+    cpu = [r for r in rows if r["device"] == "cpu"]
+    assert {(r["backend"], r["variant"], r["batch"]) for r in cpu} == {
+        (b, v, n) for b in ("torch", "onnxruntime", "openvino") for v in ("fused", "unfused", "stock") for n in (1, 3)}
+    for r in cpu:
+        assert r["status"] == "ok" and r["iterations"] >= 4 and 0 < r["p50_ms"] <= r["p99_ms"]
+        assert r["throughput_ips"] > 0 and r["threads"] == 1
+    cuda = [r for r in rows if r["device"] == "cuda"]
+    assert cuda, "GPU targets must be reported, not silently dropped"
+    if not torch.cuda.is_available():
+        assert all(r["status"] == "skipped" and r["reason"] for r in cuda)
+    assert {q["ratio"] for q in latency["ratios"]} == {"fused/stock", "fused/unfused"}
+
+
+def test_bench_bad_input(exported):
+    result = run_cli("bench", "--run-dir", str(exported), "--backends", "torch,tensorflow")
+    assert result.returncode == 2 and "unknown backend tensorflow; valid: torch, onnxruntime, openvino" in result.stderr
+    result = run_cli("bench", "--run-dir", str(exported), "--batch-sizes", "1,x")
+    assert result.returncode == 2 and "batch sizes must be integers" in result.stderr
