@@ -2,8 +2,9 @@
 
 Drives the real CLI (`python -m pipeline distill ... --teacher-ckpt T`) for every method (none, kd, dkd,
 fitnet, at, kdiffusion) with several seeds, plus the KDiffusion ablation rows, and prints a table of
-mean +- std last-epoch test top-1 with the distillation epoch time relative to the student-alone epoch
-time (both measured in this invocation), next to the teacher's top-1.
+mean +- std last-epoch test top-1, its difference to the student alone paired by seed (same initial
+weights and batch order), and the epoch time relative to the student-alone epoch time (each run's own
+metrics.jsonl), next to the teacher's top-1.
 
     OMP_NUM_THREADS=1 python benchmarks/kd_methods.py --teacher-ckpt /tmp/bench/swin/ours/teacher/model.pt
 
@@ -47,7 +48,8 @@ def rows() -> list[Row]:
     kdiff = "kdiffusion"
     opt = lambda *pairs: [a for p in pairs for a in ("--method-option", p)]  # noqa: E731
     main = [Row("student alone", "none"), Row("KD", "kd"), Row("DKD", "dkd"), Row("FitNet", "fitnet"),
-            Row("AT", "at"), Row("KDiffusion (m=4)", kdiff)]
+            # at the single point both maps are 1x1 at 32x32, where attention transfer is identically zero
+            Row("AT (points=multi)", "at", ["--points", "multi"]), Row("KDiffusion (m=4)", kdiff)]
     ablation = [Row(f"KDiffusion m={m}", kdiff, ["--branches", str(m)], "ablation") for m in (1, 2, 8)] + [
         Row("KDiffusion shuffle off", kdiff, opt("shuffle=false"), "ablation"),
         Row("KDiffusion weights=uniform", kdiff, opt("weights=uniform"), "ablation"),
@@ -96,17 +98,26 @@ def student_flags(args: argparse.Namespace) -> list[str]:
             "fp32", "--no-progress"]
 
 
+def run_flags(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> list[str]:
+    flags = [*student_flags(args), "--method", row.method, *row.flags, "--seed", str(seed)]
+    return flags + (["--teacher-ckpt", str(teacher)] if row.method != "none" else [])
+
+
+def run_dir_of(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> Path:
+    """Each run's folder, keyed by its full command line and the teacher file."""
+    return args.out / "runs" / f"{row.method}-{key(run_flags(row, seed, teacher, args) + [teacher_digest(teacher)])}"
+
+
 def run_student(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> dict:
     """Train (or find cached) one student; returns its metrics.json plus the per-epoch history."""
-    flags = [*student_flags(args), "--method", row.method, *row.flags, "--seed", str(seed)]
-    if row.method != "none":
-        flags += ["--teacher-ckpt", str(teacher)]
-    run_dir = args.out / "runs" / f"{row.method}-{key(flags + [teacher_digest(teacher)])}"
+    flags = run_flags(row, seed, teacher, args)
+    run_dir = run_dir_of(row, seed, teacher, args)
     stage = run_dir / "student"
     if not finished(stage):
         cli(["distill", "--run-dir", str(run_dir), *flags], run_dir / "log.txt")
     metrics = json.loads((stage / "metrics.json").read_text())
     metrics["history"] = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    metrics["seed"] = seed
     return metrics
 
 
@@ -147,7 +158,10 @@ def main() -> None:
     parser.add_argument("--augment", default="flip")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the main rows")
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the ablation rows")
-    parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--groups", default="main,ablation",
+                        help="row groups to train, e.g. 'ablation' for a second process beside one doing 'main'")
+    parser.add_argument("--budget-minutes", type=float, default=0,
+                        help="start no new run after this many minutes (0 = no limit); skipped runs are listed")
     parser.add_argument("--results", type=Path, help="also write the table as markdown here")
     args = parser.parse_args()
     started = time.time()
@@ -155,13 +169,27 @@ def main() -> None:
     teacher_meta = json.loads((teacher.parent / "metrics.json").read_text())
 
     table = []
-    plan = [r for r in rows() if r.group == "main"] + ([] if args.skip_ablations else
-                                                       [r for r in rows() if r.group == "ablation"])
+    groups = args.groups.split(",")
+    plan = [r for r in rows() if r.group in groups]
+    alone_row = rows()[0]
+    if "main" not in groups:  # the ratios need the student-alone runs: those the 'main' process finished
+        plan.insert(0, alone_row)
     results: dict[str, list[dict]] = {r.label: [] for r in plan}
-    for seed in range(max(args.seeds, args.ablation_seeds)):  # seed-major: every row gets seed 0 first
-        for row in plan:
-            if seed < (args.seeds if row.group == "main" else args.ablation_seeds):
+    skipped = []
+    for group, seeds in (("main", args.seeds), ("ablation", args.ablation_seeds)):  # every main seed first
+        if group not in groups:
+            continue
+        for seed in range(seeds):
+            for row in (r for r in plan if r.group == group):
+                if args.budget_minutes and time.time() - started > 60 * args.budget_minutes and \
+                        not finished(run_dir_of(row, seed, teacher, args) / "student"):
+                    skipped.append(f"{row.label} seed {seed}")
+                    continue
                 results[row.label].append(run_student(row, seed, teacher, args))
+    if "main" not in groups:
+        results[alone_row.label] = [run_student(alone_row, seed, teacher, args) for seed in range(args.seeds)
+                                    if finished(run_dir_of(alone_row, seed, teacher, args) / "student")]
+    plan = [r for r in plan if results[r.label]]
 
     alone = statistics.mean(epoch_time(m) for m in results["student alone"])
     for row in plan:
@@ -170,21 +198,24 @@ def main() -> None:
         ratio = statistics.mean(epoch_time(m) for m in runs) / alone
         first_last = (statistics.mean(m["history"][0]["epoch_time_s"] for m in runs) / alone,
                       statistics.mean(m["history"][-1]["epoch_time_s"] for m in runs) / alone)
-        table.append((row, len(runs), mean_std(top1), statistics.mean(top1), ratio, first_last))
+        alone_by_seed = {m["seed"]: m["top1"] for m in results["student alone"]}
+        deltas = [m["top1"] - alone_by_seed[m["seed"]] for m in runs if m["seed"] in alone_by_seed]
+        table.append((row, len(runs), mean_std(top1), mean_std(deltas) if deltas else "-", ratio, first_last))
 
-    lines = [f"| row | method | flags | seeds | last-epoch test top-1 (%) | epoch time vs student alone "
-             f"(mean; first / last epoch) |", "|---|---|---|---|---|---|"]
+    lines = ["| row | method | flags | seeds | last-epoch test top-1 (%) | vs student alone, paired by seed "
+             "(points) | epoch time vs student alone (mean; first / last epoch) |", "|---|---|---|---|---|---|---|"]
     lines.append(f"| teacher ({teacher_meta['arch']['name']}, {teacher_meta['epochs']} epochs, full data) | - | - "
-                 f"| 1 | {teacher_meta['top1']:.2f} | - |")
-    for row, n, shown, _, ratio, (first, last) in table:
+                 f"| 1 | {teacher_meta['top1']:.2f} | - | - |")
+    for row, n, shown, delta, ratio, (first, last) in table:
         flags = " ".join(row.flags).replace("--method-option ", "") or "-"
-        lines.append(f"| {row.label} | {row.method} | {flags} | {n} | {shown} | {ratio:.2f}x "
+        lines.append(f"| {row.label} | {row.method} | {flags} | {n} | {shown} | {delta} | {ratio:.2f}x "
                      f"({first:.2f}x / {last:.2f}x) |")
     gap = teacher_meta["top1"] - statistics.mean(m["top1"] for m in results["student alone"])
     summary = [f"teacher top-1 {teacher_meta['top1']:.2f}%, student alone "
                f"{statistics.mean(m['top1'] for m in results['student alone']):.2f}%: gap {gap:.2f} points "
                f"({'>=' if gap >= 2 else 'BELOW'} the 2 points a comparison needs)",
                f"student-alone epoch: {alone:.1f} s; wall time of this invocation {time.time() - started:.0f} s",
+               f"runs not trained (time budget): {', '.join(skipped) if skipped else 'none'}",
                f"machine: {machine_note()}"]
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(summary))
     if args.results:

@@ -70,6 +70,16 @@ def load_checkpoint(path: Path, what: str = "checkpoint") -> Any:
         raise BadInputError(f"corrupt {what} {path}: {first} (delete it to start this stage over)") from None
 
 
+def load_weights_into(model: torch.nn.Module, path: Path, what: str, described_by: Path) -> torch.nn.Module:
+    """Load a saved state dict strictly into a rebuilt model; a mismatch is a BadInputError naming both files."""
+    state = load_checkpoint(path, what)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BadInputError(f"{what} {path} does not match {described_by}: {str(exc).splitlines()[0]}") from None
+    return model
+
+
 def read_json(path: Path) -> Any | None:
     """A JSON file's content, or None when it is missing or unreadable."""
     try:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 
-from pipeline.errors import BadInputError, PipelineError
+from pipeline.errors import BadInputError, PipelineError, storage_error
 
 log = logging.getLogger("pipeline")
 
@@ -140,6 +140,12 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            storage = storage_error(exc)
+            if storage is None or debug:
+                raise
+            click.echo(f"error: {one_line(storage)}", err=True)
+            sys.exit(storage.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)

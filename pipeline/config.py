@@ -1,6 +1,7 @@
 """One typed config for the whole pipeline: defaults, YAML files, CLI overrides, validation.
 
-Precedence: built-in defaults < ``--config FILE`` < command-line flags. The
+Precedence: built-in defaults < ``--profile`` (``pipeline run``; YAML files in
+``pipeline/profiles/``) < ``--config FILE`` < command-line flags. The
 resolved config is validated as a whole before any work starts (so an
 invalid value never touches a run directory) and saved to
 ``RUN_DIR/config.yaml``.
@@ -98,6 +99,12 @@ class StudentConfig(_Strict):
     teacher_cache_dtype: Literal["float16", "float32"] = Field("float16", description="storage of cached outputs")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-3, weight_decay=0.01,
                                                                    grad_clip=None))
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` as False (and ``on`` as True, which here means auto)."""
+        return {False: "off", True: "auto"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("method")
     @classmethod

@@ -173,7 +173,8 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
         setup_feature_method(method, model, teacher, points, s.m, sample)
     cache = make_teacher_cache(s, cfg.data.augment) if teacher is not None else None
     if teacher_info:
-        teacher_info["cache"] = {"dtype": s.teacher_cache_dtype, "max_mb": s.teacher_cache_mb} if cache is not None else None
+        teacher_info["cache"] = None if cache is None else {"dtype": s.teacher_cache_dtype,
+                                                            "max_mb": s.teacher_cache_mb}
     task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points}, cache)
     arch["method"] = s.method
     arch["method_options"] = dict(s.method_options)

@@ -37,6 +37,27 @@ class ExportError(PipelineError):
     exit_code = 5
 
 
+class StorageError(PipelineError):
+    """A file could not be written: disk full, read-only or not permitted. Finished files are intact
+    (every write goes to a temporary file that is renamed into place)."""
+
+    exit_code = 6
+
+
+STORAGE_ERRNOS = {"EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EFBIG"}
+
+
+def storage_error(exc: OSError) -> StorageError | None:
+    """The StorageError for an OSError that means 'cannot write here', else None."""
+    import errno
+
+    if errno.errorcode.get(exc.errno or -1) not in STORAGE_ERRNOS:
+        return None
+    where = f" {exc.filename}" if exc.filename else ""
+    return StorageError(f"cannot write{where}: {exc.strerror or exc}; free some space or make the run directory "
+                        "writable, then rerun the same command (finished stages are kept)")
+
+
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> BadInputError:
     """The standard error for a name that is not registered."""
     return BadInputError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")

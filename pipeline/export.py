@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from exporters import metadata as md
-from pipeline.checkpoint import atomic_write_json, file_sha256, load_checkpoint, read_json, settings_digest
+from pipeline.checkpoint import atomic_write_json, file_sha256, load_weights_into, read_json, settings_digest
 from pipeline.equivalence import Comparison, Tolerances, compare_outputs, gate, judge
 from pipeline.errors import BadInputError
 from pipeline.fuse import held_out_images
@@ -71,12 +71,7 @@ def load_fused(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         model, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
     except ModelError as exc:
         raise BadInputError(f"cannot rebuild the fused student of {fused_dir}: {exc}") from None
-    state = load_checkpoint(fused_dir / "model.pt", "fused student")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BadInputError(f"{fused_dir / 'model.pt'} does not match {fused_dir / 'model.json'}: "
-                            f"{str(exc).splitlines()[0]}") from None
+    load_weights_into(model, fused_dir / "model.pt", "fused student", fused_dir / "model.json")
     return model.float().eval(), info
 
 

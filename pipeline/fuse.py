@@ -16,7 +16,7 @@ import torch
 
 from models import ModelError, get_spec
 from models.reparam import build_multibranch_student, fuse_model
-from pipeline.checkpoint import (atomic_save, atomic_write_json, file_sha256, load_checkpoint, read_json,
+from pipeline.checkpoint import (atomic_save, atomic_write_json, file_sha256, load_weights_into, read_json,
                                  settings_digest)
 from pipeline.data import BatchPreprocessor, load_dataset, stratified_subset
 from pipeline.equivalence import Tolerances, fusion_checks, gate
@@ -40,12 +40,7 @@ def load_student(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
                                              mb.get("points", "single"), mb.get("rep_blocks", "none"))
     except ModelError as exc:
         raise BadInputError(f"cannot rebuild the student of {student_dir}: {exc}") from None
-    state = load_checkpoint(student_dir / "model.pt", "student checkpoint")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BadInputError(f"student checkpoint {student_dir / 'model.pt'} does not match its metrics.json: "
-                            f"{str(exc).splitlines()[0]}") from None
+    load_weights_into(model, student_dir / "model.pt", "student checkpoint", student_dir / "metrics.json")
     return model, meta
 
 

@@ -92,10 +92,13 @@ def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
         for name, rows in curves.items():
             epochs = [r["epoch"] for r in rows]
-            ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", label=f"{name} test")
-            ax_acc.plot(epochs, [r["train_top1"] for r in rows], linestyle="--", alpha=0.6, label=f"{name} train")
-            ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label=name)
-        ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy per epoch")
+            (line,) = ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", label=f"{name} test")
+            ax_acc.plot(epochs, [r["train_top1"] for r in rows], linestyle="--", marker=".", alpha=0.6,
+                        color=line.get_color(), label=f"{name} train")
+            ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", color=line.get_color(), label=name)
+        ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy per epoch (dashed: training batches)")
+        for ax in (ax_acc, ax_loss):
+            ax.xaxis.get_major_locator().set_params(integer=True)
         ax_loss.set(xlabel="epoch", ylabel="training loss", title="training loss (students: task + distillation)")
         for ax in (ax_acc, ax_loss):
             ax.grid(alpha=0.3)

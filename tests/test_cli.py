@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import run_cli
 
-SUBCOMMANDS = ["teacher", "distill", "fuse", "run", "models"]
+SUBCOMMANDS = ["teacher", "distill", "fuse", "export", "bench", "predict", "run", "models"]
 
 
 def test_help_lists_subcommands():

@@ -36,3 +36,39 @@ def test_fp16_on_cpu_is_refused():
 
     with pytest.raises(BadInputError, match="fp16 is only supported on CUDA"):
         choose_precision("fp16", nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), DistContext())
+
+
+def _tiny_variant(tmp_path):
+    from exporters.onnx import export_onnx
+    from models import build_model
+    from pipeline.latency import Variant
+
+    model, _, _ = build_model("shufflenetv2_x0_5", 10, 32, role="student")
+    model.eval()
+    onnx_path = export_onnx(model, tmp_path / "m.onnx", (3, 32, 32), {"architecture": "shufflenet_v2_x0_5"})
+    return Variant("fused", model, onnx_path)
+
+
+@needs_cuda
+def test_bench_torch_on_cuda(tmp_path):
+    from pipeline.latency import Budget, Target, measure_target
+
+    rows = measure_target(Target("torch", "cuda"), [_tiny_variant(tmp_path)], [1, 8], 32,
+                          Budget(threads=1, warmup=2, iterations=5))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["p50_ms"] > 0 for r in rows)
+
+
+def _has_ort_cuda() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _has_ort_cuda()),
+                    reason="needs a CUDA device and onnxruntime-gpu (CUDAExecutionProvider)")
+def test_bench_onnxruntime_cuda_provider(tmp_path):
+    from pipeline.latency import Budget, Target, measure_target
+
+    rows = measure_target(Target("onnxruntime", "cuda", "CUDAExecutionProvider"), [_tiny_variant(tmp_path)], [1],
+                          32, Budget(threads=1, warmup=2, iterations=5))
+    assert rows[0]["status"] == "ok", rows[0]

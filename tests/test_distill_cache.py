@@ -132,3 +132,58 @@ def test_flip_augmentation_yields_two_keys_per_image_across_epochs():
     assert distinct("none") == 64
     assert 64 < distinct("flip") <= 128
     assert distinct("crop-flip") > 3 * 64
+
+
+@pytest.mark.slow
+def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, stripes_root):
+    """2 processes with sharded samplers: each rank caches its own images; the result equals the live teacher's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import ROOT, TINY, train_tiny_teacher
+
+    run_dir = train_tiny_teacher(tmp_path / "run", stripes_root, "resnet34")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    states = {}
+    for cache in ("auto", "off"):
+        config = tmp_path / f"{cache}.yaml"
+        config.write_text(f"student:\n  teacher_cache: {cache}\n  teacher_cache_dtype: float32\n")
+        out = tmp_path / cache
+        result = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "pipeline", "distill", "--student",
+             "shufflenetv2_x0_5", "--method", "kdiffusion", "--branches", "2", "--epochs", "2", "--augment", "none",
+             "--optimizer", "sgd", "--lr", "0.05", "--config", str(config), "--data-root", str(stripes_root),
+             "--teacher-ckpt", str(run_dir / "teacher" / "model.pt"), "--run-dir", str(out), *TINY],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        if cache == "auto":
+            last = [line for line in result.stderr.splitlines() if "teacher cache in the last epoch" in line]
+            assert last and "'hits': 0," not in last[0], result.stderr[-3000:]  # rank 0 reused its epoch-1 images
+        metrics = json.loads((out / "student" / "metrics.json").read_text())
+        assert metrics["world_size"] == 2 and metrics["replica_max_abs_diff"] == 0.0
+        states[cache] = torch.load(out / "student" / "model.pt", weights_only=True)
+    diff = max((states["auto"][k].double() - states["off"][k].double()).abs().max().item()
+               for k in states["off"] if states["off"][k].is_floating_point())
+    assert diff < 1e-4, f"cached and live teacher runs differ by {diff:.2e}"
+
+
+def test_yaml_off_turns_the_cache_off(tmp_path):
+    from pipeline.config import resolve_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("student:\n  teacher_cache: off\n")  # YAML 1.1 reads a bare off as False
+    assert resolve_config(config).student.teacher_cache == "off"
+
+
+def test_cache_works_inside_bf16_autocast(task):
+    """`--precision auto` times a bf16 step with the cache on: float16 rows must not meet CPU bf16 autocast."""
+    cache = TeacherOutputCache(2**30, torch.float16)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = cache.fetch(task.teacher.with_features, images, task.method.teacher_taps)
+        again = cache.fetch(task.teacher.with_features, images, task.method.teacher_taps)
+    assert cache.hits == 4 and all(torch.equal(a, b) for a, b in zip(first[1:], again[1:]) if torch.is_tensor(a))

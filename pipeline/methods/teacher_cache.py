@@ -141,5 +141,7 @@ class TeacherOutputCache:
                 rows[i] = new.setdefault(keys[i], row)  # an image twice in one batch is computed twice, stored once
             for key, row in new.items():
                 self._store(key, row)
-        batch = torch.stack([row if row.dtype == self.dtype else row.to(self.dtype) for row in rows])
-        return self._unpack(batch.to(images.device, torch.float32))
+        # plain tensor bookkeeping: outside the caller's autocast (CPU bf16 autocast refuses float16 inputs)
+        with torch.autocast(images.device.type, enabled=False):
+            batch = torch.stack([row if row.dtype == self.dtype else row.to(self.dtype) for row in rows])
+            return self._unpack(batch.to(images.device, torch.float32))
