@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the ablation rows")
     parser.add_argument("--groups", default="main,ablation",
                         help="row groups to train, e.g. 'ablation' for a second process beside one doing 'main'")
+    parser.add_argument("--rows", help="only these row labels (comma-separated), e.g. to add seeds to a few rows")
     parser.add_argument("--budget-minutes", type=float, default=0,
                         help="start no new run after this many minutes (0 = no limit); skipped runs are listed")
     parser.add_argument("--results", type=Path, help="also write the table as markdown here")
@@ -170,9 +171,9 @@ def main() -> None:
 
     table = []
     groups = args.groups.split(",")
-    plan = [r for r in rows() if r.group in groups]
+    plan = [r for r in rows() if r.group in groups and (not args.rows or r.label in args.rows.split(","))]
     alone_row = rows()[0]
-    if "main" not in groups:  # the ratios need the student-alone runs: those the 'main' process finished
+    if alone_row not in plan:  # the ratios need the student-alone runs (those finished are read below)
         plan.insert(0, alone_row)
     results: dict[str, list[dict]] = {r.label: [] for r in plan}
     skipped = []
@@ -186,9 +187,10 @@ def main() -> None:
                     skipped.append(f"{row.label} seed {seed}")
                     continue
                 results[row.label].append(run_student(row, seed, teacher, args))
-    if "main" not in groups:
-        results[alone_row.label] = [run_student(alone_row, seed, teacher, args) for seed in range(args.seeds)
-                                    if finished(run_dir_of(alone_row, seed, teacher, args) / "student")]
+    for row in plan:  # also any further seeds already finished (e.g. added to a few rows with --rows)
+        done = {m["seed"] for m in results[row.label]}
+        results[row.label] += [run_student(row, seed, teacher, args) for seed in range(args.seeds) if seed not in done
+                               and finished(run_dir_of(row, seed, teacher, args) / "student")]
     plan = [r for r in plan if results[r.label]]
 
     alone = statistics.mean(epoch_time(m) for m in results["student alone"])
@@ -225,7 +227,8 @@ def main() -> None:
             f"# Distillation methods: {args.student} from a Swin-T teacher on Fashion-MNIST\n\n"
             f"```bash\n{command}\n```\n\nStudent budget (identical for every row): `{settings}` (default "
             f"student training recipe otherwise: AdamW lr 3e-3, weight decay 0.01, cosine with 0.3 warm-up epochs); "
-            f"seeds 0..{args.seeds - 1} for the main rows, 0..{args.ablation_seeds - 1} for the ablations. "
+            f"seeds 0..{args.seeds - 1} for the main rows, 0..{args.ablation_seeds - 1} for the ablations "
+            f"(more where the seeds column says so). "
             f"Top-1 is the last epoch's (not the best) on the full 10,000-image test set.\n\n"
             + "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n")
         print(f"wrote {args.results}")

@@ -7,7 +7,6 @@ need a teacher read ``RUN_DIR/teacher/model.pt`` (or ``--teacher-ckpt``).
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import logging
 import time
@@ -19,7 +18,7 @@ import torch
 from models import FeatureTaps, ModelError, TapSpec, build_model, get_spec
 from models.heads import next_part
 from models.reparam import build_multibranch_student
-from pipeline.checkpoint import load_checkpoint, read_json, seed_everything
+from pipeline.checkpoint import file_sha256, load_checkpoint, read_json, seed_everything
 from pipeline.config import PipelineConfig, StudentConfig
 from pipeline.data import BatchPreprocessor, DataBundle
 from pipeline.distributed import DistContext
@@ -29,14 +28,6 @@ from pipeline.methods.teacher_cache import CACHEABLE_AUGMENTATIONS, TeacherOutpu
 from pipeline.stage import Stage, data_settings, prepare_data, train_stage
 
 log = logging.getLogger(__name__)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:

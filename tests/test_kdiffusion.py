@@ -57,16 +57,21 @@ def test_shuffle_draws_each_branch_first_equally_often_and_off_is_fixed():
     assert all(fixed.estimates(0, branches)[1] == [0, 1, 2, 3] for _ in range(20))
 
 
-@pytest.fixture(scope="module")
-def task():
-    torch.manual_seed(3)
+def swin_kdiffusion_task(seed: int, m: int) -> DistillTask:
+    """A random Swin teacher, a ShuffleNetV2 x0.5 student with m branches at three points, KDiffusion + logit KD."""
+    torch.manual_seed(seed)
     teacher_model, _, _ = build_model("swin", 10, 32, drop_path=0.0)
     teacher = FrozenTeacher(teacher_model, "fp32", get_spec("swin").taps)
-    student, arch = build_multibranch_student("shufflenetv2_x0_5", 10, 32, m=4, points="multi")
+    student, arch = build_multibranch_student("shufflenetv2_x0_5", 10, 32, m=m, points="multi")
     points = arch["multibranch"]["distill_points"]
     method = KDiffusion(lambda_kd=0.5)
-    setup_feature_method(method, student, teacher, points, 4, torch.randn(4, 3, 32, 32))
+    setup_feature_method(method, student, teacher, points, m, torch.randn(4, 3, 32, 32))
     return DistillTask(student, method, teacher, {p["tap"]: p["conv"] for p in points})
+
+
+@pytest.fixture(scope="module")
+def task():
+    return swin_kdiffusion_task(3, m=4)
 
 
 def test_one_step_trains_every_branch_and_never_the_teacher(task):
