@@ -32,7 +32,7 @@ DATA_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--eval-subset", "data.eval_subset", dict(type=int, help="evaluate on N test images (default: all)")),
     ("--image-size", "data.image_size", dict(type=int, help="model input side (default: 32 for 28-32px data)")),
     ("--augment", "data.augment", dict(type=click.Choice(["crop-flip", "flip", "none"]),
-                                       help="training augmentation (default crop-flip)")),
+                                       help="training augmentation (default flip)")),
     ("--workers", "data.num_workers", dict(type=int, help="data-loader processes (image folders)")),
     ("--seed", "seed", dict(type=int, help="random seed (default 0)")),
     ("--deterministic/--no-deterministic", "deterministic", dict(default=None, help="deterministic algorithms")),
@@ -64,6 +64,10 @@ STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--points", "points", dict(type=click.Choice(["single", "multi"]), help="distillation points")),
     ("--rep-blocks", "rep_blocks", dict(type=click.Choice(["none", "repvgg", "dbb"]),
                                         help="re-parameterizable blocks for every other eligible conv+BN")),
+    ("--teacher-cache", "teacher_cache", dict(type=click.Choice(["auto", "off"]),
+                                              help="reuse the teacher's outputs per input image across epochs "
+                                                   "(auto: on with --augment flip or none)")),
+    ("--teacher-cache-mb", "teacher_cache_mb", dict(type=int, help="memory bound of the teacher cache (MiB)")),
     ("--method-option", "method_options", dict(multiple=True, callback=lambda c, p, v: parse_method_options(v) or None,
                                                help="KEY=VALUE option of the method (repeatable), e.g. temperature=4")),
 ]
