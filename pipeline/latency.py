@@ -127,6 +127,8 @@ def make_runner(target: Target, variant: Variant, threads: int) -> Runner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        # idle worker threads must not spin: the interleaved variants' sessions would steal each other's cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(variant.onnx), options, providers=[target.provider])
         name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
 
