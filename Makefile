@@ -16,9 +16,9 @@ setup-test:
 run: setup
 	$(VENV)/bin/pipeline run $(RUN_ARGS)
 
-## The whole test suite, slow tests included (what CI runs). pytest's exit 5 ("no tests
-## collected") is not treated as a failure on its own.
-test: setup-test
+## What CI runs: hadolint on both Dockerfiles, then the whole test suite, slow tests included.
+## pytest's exit 5 ("no tests collected") is not treated as a failure on its own.
+test: setup-test lint-docker
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS); status=$$?; [ $$status -eq 5 ] && echo "no tests collected" || exit $$status
 
 ## Quick suite: skips tests marked slow (the same as a plain `pytest`).
