@@ -91,9 +91,10 @@ def run_bench(run_dir: Path, backends: Sequence[str] = BACKENDS, devices: Sequen
     settings_hash = settings_digest({"backends": list(backends), "devices": list(devices),
                                      "batch_sizes": list(batch_sizes), "budget": vars(budget),
                                      "fused": file_sha256(run_dir / "fused" / "model.pt")})
-    if reuse and stage.finished(settings_hash) is not None:
+    done = stage.finished(settings_hash) if reuse else None
+    if done is not None:
         log.info("bench: measured already for this fused student and these settings; skipping")
-        return stage.finished(settings_hash)
+        return done
     stage.marker.unlink(missing_ok=True)
     variants, info = load_variants(run_dir, stage.dir / "onnx", need_onnx=any(b != "torch" for b in backends))
     size = info["input_size"][-1]

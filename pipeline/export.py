@@ -49,12 +49,9 @@ class ExportSettings:
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in FORMATS]
-    if unknown or not names:
-        raise BadInputError(f"unknown export format(s) {', '.join(unknown) or '(none given)'}; valid: "
-                            f"{', '.join(FORMATS)}")
-    return names
+    from pipeline.bench import parse_list
+
+    return parse_list(text, FORMATS, "export format(s)")
 
 
 def load_fused(run_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -54,7 +54,7 @@ def check_run_dir(run_dir: Path, cfg: PipelineConfig) -> None:
                             "choose another --run-dir (nothing was changed)")
 
 
-def force_from(run_dir: Path, stage: str, cfg: PipelineConfig) -> None:
+def force_from(run_dir: Path, stage: str) -> None:
     """Forget the results of ``stage`` and every stage after it, so that they run again."""
     if stage not in STAGES:
         raise unknown_name("stage", stage, STAGES)
@@ -115,7 +115,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
     run_dir = Path(run_dir)
     check_run_dir(run_dir, cfg)
     if force and ctx.is_main:
-        force_from(run_dir, force, cfg)
+        force_from(run_dir, force)
     ctx.barrier()
     manifest = Manifest(run_dir, cfg, profile) if ctx.is_main else None
     if ctx.is_main:
