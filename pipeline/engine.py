@@ -38,6 +38,7 @@ from pipeline.config import TrainConfig
 from pipeline.data import BatchPreprocessor, collate, default_num_workers
 from pipeline.distributed import DistContext
 from pipeline.errors import BadInputError, TrainingDivergedError
+from pipeline.machine import native_bf16
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -192,13 +193,23 @@ def _time_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, dev
     return len(images) / min(timings)
 
 
+BF16_MIN_SPEEDUP = 1.1  # bf16 on a CPU must beat fp32 by this much: on a near-tie, noise would pick (and results vary)
+
+
+def pick_cpu_precision(images_per_s: dict[str, float]) -> str:
+    """fp32, unless bf16 trained clearly faster in the probe (images per second by precision)."""
+    return "bf16" if images_per_s["bf16"] >= BF16_MIN_SPEEDUP * images_per_s["fp32"] else "fp32"
+
+
 def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      ctx: DistContext) -> tuple[str, dict[str, float]]:
-    """Resolve 'auto': on CUDA bf16 (fp16 without bf16 support); on a CPU, time fp32 vs bf16 and take the faster.
+    """Resolve 'auto': on CUDA bf16 (fp16 without bf16 support); on a CPU fp32, or bf16 where it clearly pays.
 
-    Whether bf16 pays on a CPU depends on the chip (AMX / AVX512-BF16) and the
-    model, so it is measured here rather than assumed. RNG states are restored
-    afterwards so the probe does not change the run.
+    A CPU without native bf16 (AMX, AVX512-BF16, ARM BF16) trains in fp32.
+    Where it has it, whether bf16 pays depends on the chip and the model, so
+    it is measured (bf16 must be :data:`BF16_MIN_SPEEDUP` times faster). RNG
+    states are restored afterwards so the probe does not change the run;
+    rank 0 decides for every rank.
     """
     if requested != "auto":
         if requested == "fp16" and ctx.device.type == "cpu":
@@ -207,15 +218,17 @@ def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labe
     if ctx.device.type == "cuda":
         return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), {}
     rng = capture_rng()
-    probe: dict[str, float] = {}
-    if ctx.is_main:
-        for precision in ("fp32", "bf16"):
-            probe[precision] = round(_time_steps(task, images, labels, ctx.device, precision), 1)
+    decision: dict[str, Any] = {"choice": "fp32", "probe": {}}
+    if ctx.is_main and native_bf16():
+        probe = {p: round(_time_steps(task, images, labels, ctx.device, p), 1) for p in ("fp32", "bf16")}
+        decision = {"choice": pick_cpu_precision(probe), "probe": probe}
     restore_rng(rng)
-    probe = ctx.broadcast(probe)
-    choice = max(probe, key=probe.get)
-    log.info("precision auto -> %s (train img/s measured: %s)", choice, probe)
-    return choice, probe
+    decision = ctx.broadcast(decision)
+    if decision["probe"]:
+        log.info("precision auto -> %s (train img/s measured: %s)", decision["choice"], decision["probe"])
+    else:
+        log.info("precision auto -> fp32 (this CPU has no native bf16: no AMX, AVX512-BF16 or ARM BF16)")
+    return decision["choice"], decision["probe"]
 
 
 # ----------------------------------------------------------------------------- the loop

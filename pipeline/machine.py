@@ -28,6 +28,17 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
+BF16_ISA = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512-BF16, ARM BF16 (/proc/cpuinfo names)
+
+
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU (or the given ISA flags) computes bf16 natively.
+
+    Without it oneDNN emulates bf16 through conversions, which is rarely faster than fp32.
+    """
+    return bool(set(BF16_ISA) & (_cpuinfo()[1] if flags is None else flags))
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))

@@ -171,7 +171,8 @@ def test_yaml_off_turns_the_cache_off(tmp_path):
 
 
 def test_cache_works_inside_bf16_autocast(task):
-    """`--precision auto` times a bf16 step with the cache on: float16 rows must not meet CPU bf16 autocast."""
+    """`--precision bf16` (or auto's probe on a CPU with native bf16) steps in bf16 autocast with the cache on:
+    float16 rows must not meet CPU bf16 autocast."""
     cache = TeacherOutputCache(2**30, torch.float16)
     images = torch.randn(4, 3, 32, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
