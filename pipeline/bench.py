@@ -17,20 +17,12 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import atomic_write_json, file_sha256, settings_digest
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, parse_list
 from pipeline.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
 from pipeline.machine import machine_info
 from pipeline.stage import Stage
 
 log = logging.getLogger(__name__)
-
-
-def parse_list(text: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
-    unknown = [n for n in names if n not in valid]
-    if unknown or not names:
-        raise BadInputError(f"unknown {what} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}")
-    return names
 
 
 def parse_devices(text: str) -> tuple[str, ...]:

@@ -338,7 +338,8 @@ def bench_options(func: Callable) -> Callable:
 
 
 def _bench_args(params: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.bench import parse_batch_sizes, parse_devices, parse_list
+    from pipeline.bench import parse_batch_sizes, parse_devices
+    from pipeline.errors import parse_list
     from pipeline.latency import BACKENDS, Budget
     from pipeline.machine import usable_cores
 

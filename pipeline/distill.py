@@ -22,7 +22,7 @@ from pipeline.checkpoint import file_sha256, load_checkpoint, read_json, seed_ev
 from pipeline.config import PipelineConfig, StudentConfig
 from pipeline.data import BatchPreprocessor, DataBundle
 from pipeline.distributed import DistContext
-from pipeline.engine import BF16_MIN_SPEEDUP
+from pipeline.engine import pick_precision
 from pipeline.errors import BadInputError
 from pipeline.methods import DistillTask, FrozenTeacher, KDMethod, get_method
 from pipeline.methods.teacher_cache import CACHEABLE_AUGMENTATIONS, TeacherOutputCache
@@ -69,7 +69,8 @@ def choose_teacher_precision(model: torch.nn.Module, images: torch.Tensor, devic
     diff = (logits["bf16"] - logits["fp32"]).abs().max().item()
     agree = 100.0 * (logits["bf16"].argmax(1) == logits["fp32"].argmax(1)).float().mean().item()
     scale = max(1.0, logits["fp32"].abs().max().item())
-    use_bf16 = timings["bf16"] * BF16_MIN_SPEEDUP <= timings["fp32"] and agree == 100.0 and diff <= 0.05 * scale
+    faster = pick_precision({p: 1.0 / t for p, t in timings.items()}) == "bf16"
+    use_bf16 = faster and agree == 100.0 and diff <= 0.05 * scale
     report = {"precision": "bf16" if use_bf16 else "fp32", "fp32_s": round(timings["fp32"], 4),
               "bf16_s": round(timings["bf16"], 4), "bf16_max_abs_logit_diff": diff, "bf16_top1_agreement": agree}
     log.info("teacher forward: %s (bf16 %.3fs vs fp32 %.3fs per batch, max |logit diff| %.3g, top-1 agreement %.1f%%)",

@@ -193,11 +193,11 @@ def _time_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, dev
     return len(images) / min(timings)
 
 
-BF16_MIN_SPEEDUP = 1.1  # bf16 on a CPU must beat fp32 by this much: on a near-tie, noise would pick (and results vary)
+BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much: on a near-tie, noise would pick (and results vary)
 
 
-def pick_cpu_precision(images_per_s: dict[str, float]) -> str:
-    """fp32, unless bf16 trained clearly faster in the probe (images per second by precision)."""
+def pick_precision(images_per_s: dict[str, float]) -> str:
+    """fp32, unless bf16 ran clearly faster in a probe (images per second by precision)."""
     return "bf16" if images_per_s["bf16"] >= BF16_MIN_SPEEDUP * images_per_s["fp32"] else "fp32"
 
 
@@ -221,7 +221,7 @@ def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labe
     decision: dict[str, Any] = {"choice": "fp32", "probe": {}}
     if ctx.is_main and native_bf16():
         probe = {p: round(_time_steps(task, images, labels, ctx.device, p), 1) for p in ("fp32", "bf16")}
-        decision = {"choice": pick_cpu_precision(probe), "probe": probe}
+        decision = {"choice": pick_precision(probe), "probe": probe}
     restore_rng(rng)
     decision = ctx.broadcast(decision)
     if decision["probe"]:

@@ -6,6 +6,8 @@ input from a failed equivalence gate or a diverged training run.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PipelineError(Exception):
     """Base class: a failure the user can act on, reported in one line."""
@@ -61,3 +63,12 @@ def storage_error(exc: OSError) -> StorageError | None:
 def unknown_name(kind: str, name: str, valid: list[str] | tuple[str, ...]) -> BadInputError:
     """The standard error for a name that is not registered."""
     return BadInputError(f"unknown {kind} '{name}'; valid: {', '.join(sorted(valid))}")
+
+
+def parse_list(text: str, valid: Sequence[str], what: str) -> tuple[str, ...]:
+    """Comma-separated names, deduplicated and lower-cased; unknown or no names are a BadInputError."""
+    names = tuple(dict.fromkeys(p.strip().lower() for p in text.split(",") if p.strip()))
+    unknown = [n for n in names if n not in valid]
+    if unknown or not names:
+        raise BadInputError(f"unknown {what} {', '.join(unknown) or '(none given)'}; valid: {', '.join(valid)}")
+    return names

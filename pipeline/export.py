@@ -23,7 +23,7 @@ import torch
 from exporters import metadata as md
 from pipeline.checkpoint import atomic_write_json, file_sha256, load_weights_into, read_json, settings_digest
 from pipeline.equivalence import Comparison, Tolerances, compare_outputs, gate, judge
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, parse_list
 from pipeline.fuse import held_out_images
 from pipeline.stage import Stage
 
@@ -49,8 +49,6 @@ class ExportSettings:
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
-    from pipeline.bench import parse_list
-
     return parse_list(text, FORMATS, "export format(s)")
 
 
