@@ -24,17 +24,17 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from models import get_spec  # noqa: E402
-from models.reparam import build_multibranch_student  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.data import BatchPreprocessor, load_dataset, stratified_subset  # noqa: E402
-from pipeline.distill import (choose_teacher_precision, load_teacher, make_teacher_cache,  # noqa: E402
+from models import get_spec
+from models.reparam import build_multibranch_student
+from pipeline.config import PipelineConfig
+from pipeline.training.data import BatchPreprocessor, load_dataset, stratified_subset
+from pipeline.stages.loaders import load_teacher
+from pipeline.stages.distill import (choose_teacher_precision, make_teacher_cache,
                               setup_feature_method)
-from pipeline.engine import make_optimizer  # noqa: E402
-from pipeline.methods import DistillTask, FrozenTeacher, get_method  # noqa: E402
+from pipeline.training.engine import make_optimizer
+from pipeline.methods import get_method
+from pipeline.training.tasks import DistillTask, FrozenTeacher
 
 
 def build_task(method_name: str, cfg: PipelineConfig, teacher: FrozenTeacher | None, sample: torch.Tensor,

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import get_spec, model_names  # noqa: E402
-from models.reparam import build_multibranch_student, fuse_model  # noqa: E402
+from models import get_spec, model_names
+from models.reparam import build_multibranch_student, fuse_model
 
 
 def count_macs(model: nn.Module, size: int) -> int:

@@ -21,16 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from exporters.onnx import export_onnx  # noqa: E402
-from exporters.openvino import convert_onnx, save_ir  # noqa: E402
-from models import build_model  # noqa: E402
-from models.reparam import build_multibranch_student, fuse_model  # noqa: E402
-from pipeline.equivalence import randomize_bn_statistics  # noqa: E402
-from pipeline.latency import Budget, Target, Variant, measure_target, ratios  # noqa: E402
-from pipeline.machine import machine_info, usable_cores  # noqa: E402
+from exporters.onnx import export_onnx
+from exporters.openvino import convert_onnx, save_ir
+from models import build_model
+from models.reparam import build_multibranch_student, fuse_model
+from exporters.equivalence import randomize_bn_statistics
+from exporters.latency import Budget, Target, Variant, measure_target, ratios
+from pipeline.machine import machine_info, usable_cores
 
 
 def build_variants(student: str, size: int, out: Path) -> list[Variant]:

@@ -25,7 +25,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -34,22 +33,21 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
-import openvino as ov
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from models import FeatureTaps, get_spec  # noqa: E402
-from models.reparam import build_multibranch_student  # noqa: E402
-from pipeline.config import PipelineConfig  # noqa: E402
-from pipeline.data import BatchPreprocessor, load_dataset, stratified_subset  # noqa: E402
-from pipeline.distill import load_teacher  # noqa: E402
-from pipeline.engine import make_optimizer  # noqa: E402
-from pipeline.machine import machine_info  # noqa: E402
-from pipeline.methods import DistillTask, get_method  # noqa: E402
+from exporters.errors import InputError
+from exporters.sessions import RuntimeOptions, open_session
+from models import FeatureTaps, get_spec
+from models.reparam import build_multibranch_student
+from pipeline.config import PipelineConfig
+from pipeline.training.data import BatchPreprocessor, load_dataset, stratified_subset
+from pipeline.stages.loaders import load_teacher
+from pipeline.training.engine import make_optimizer
+from pipeline.machine import machine_info
+from pipeline.methods import get_method
+from pipeline.training.tasks import DistillTask
 
 
 class LogitsAndTap(torch.nn.Module):
@@ -65,25 +63,10 @@ class LogitsAndTap(torch.nn.Module):
         return logits, taps.features["stage4"]
 
 
-def ort_session(path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(None, {"images": x})
-
-
-def openvino_request(path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
-    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
-    request = compiled.create_infer_request()
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        request.infer({0: x})
-        return [request.get_output_tensor(i).data.copy() for i in range(2)]
-
-    return run
+def runtime_session(runtime: str, path: Path, threads: int) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """Both outputs (logits, stage4) of the exported teacher, with the latency options the bench stage uses."""
+    options = RuntimeOptions(threads=threads, latency=True, precision="f32" if runtime == "openvino" else None)
+    return open_session(path, runtime, options).run_all
 
 
 def export_models(wrapper: torch.nn.Module, batch: torch.Tensor, folder: Path) -> dict[str, Path]:
@@ -170,18 +153,18 @@ def main() -> None:
         variants["teacher: torch fp32"] = (torch_teacher("fp32"), threads)
         variants["teacher: torch bf16 autocast"] = (torch_teacher("bf16"), threads)
         for name, path in paths.items():
-            for runtime, make in (("onnxruntime", ort_session), ("openvino", openvino_request)):
+            for runtime in ("onnxruntime", "openvino"):
                 if runtime == "openvino" and name == "int8-dynamic":
                     continue  # OpenVINO runs the QDQ form; the dynamic form has ONNX Runtime-only ops
                 try:
-                    run = make(path, threads)
+                    run = runtime_session(runtime, path, threads)
                     checks[f"{runtime} {name}"] = compare(reference, run(xn))
-                except RuntimeError as exc:  # a runtime that refuses a model is a result too
+                except (RuntimeError, InputError) as exc:  # a runtime that refuses a model is a result too
                     failures[f"teacher: {runtime} {name}"] = str(exc).strip().splitlines()[-1][:120]
                     continue
                 variants[f"teacher: {runtime} {name}"] = ((lambda run=run: run(xn)), threads)
         if threads >= 2:
-            beside = openvino_request(paths["fp32"], threads // 2)
+            beside = runtime_session("openvino", paths["fp32"], threads // 2)
 
             def student_with_teacher_beside(beside=beside) -> None:
                 job = pool.submit(beside, xn)

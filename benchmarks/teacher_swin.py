@@ -24,12 +24,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from models import build_model  # noqa: E402
-from pipeline.engine import _time_steps  # noqa: E402
-from pipeline.tasks import SupervisedTask  # noqa: E402
+from models import build_model
+from pipeline.training.engine import time_train_steps
+from pipeline.training.tasks import SupervisedTask
 
 TRAIN_IMAGES = 60_000
 # The recipe is the teacher's default config (pipeline/config.py); spelled out so the benchmark keeps
@@ -45,7 +43,7 @@ def throughput(window_per_stage: list[int] | None, precision: str, batch: int = 
                                                                     "window_per_stage": window_per_stage}
     model, _, _ = build_model("swin", 10, 32, **options)
     images, labels = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
-    return _time_steps(SupervisedTask(model), images, labels, torch.device("cpu"), precision, steps=4)
+    return time_train_steps(SupervisedTask(model), images, labels, torch.device("cpu"), precision, steps=4)
 
 
 def run(name: str, flags: list[str], out: Path) -> list[dict]:

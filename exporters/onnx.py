@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from exporters import metadata as md
-from pipeline.errors import ExportError
+from exporters.errors import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,3 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, path: Path, opset: in
         else:
             torch.onnx.export(model, (example,), str(path), dynamo=False, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
-
-
-def read_metadata(path: Path) -> dict[str, object]:
-    """The ``kdiff.*`` metadata of an ONNX file (weights are not loaded)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return md.decode({p.key: p.value for p in proto.metadata_props})

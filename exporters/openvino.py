@@ -13,10 +13,10 @@ from pathlib import Path
 import openvino as ov
 
 from exporters import metadata as md
-from pipeline.errors import ExportError
+from exporters.errors import ExportError
+from exporters.sessions import RT_SECTION
 
 log = logging.getLogger(__name__)
-RT_SECTION = "kdiff"
 
 
 def convert_onnx(onnx_path: Path, meta: Mapping[str, object]) -> ov.Model:
@@ -39,17 +39,3 @@ def save_ir(model: ov.Model, xml_path: Path, compress_to_fp16: bool) -> Path:
     os.replace(tmp_xml, xml_path)
     log.info("export: OpenVINO IR (%s) -> %s", "FP16-compressed" if compress_to_fp16 else "exact FP32", xml_path)
     return xml_path
-
-
-def read_metadata(xml_path: Path) -> dict[str, object]:
-    model = ov.Core().read_model(str(xml_path))
-    return metadata_of(model)
-
-
-def metadata_of(model: ov.Model) -> dict[str, object]:
-    if not model.has_rt_info([RT_SECTION]):
-        return {}
-    section = model.get_rt_info([RT_SECTION])
-    items = section.astype(dict) if hasattr(section, "astype") else dict(section)
-    return md.decode({md.PREFIX + key: (value.astype(str) if hasattr(value, "astype") else str(value))
-                      for key, value in items.items()})

@@ -2,7 +2,8 @@
 
 This is the piece an edge user copies: it needs numpy, Pillow and either
 onnxruntime (``.onnx``) or openvino (``.xml``), not torch and not the rest of
-this project (only :mod:`exporters.metadata`, which is plain Python).
+this project (only the torch-free modules :mod:`exporters.metadata`, :mod:`exporters.errors`,
+:mod:`exporters.sessions` and :mod:`exporters.formats`).
 
     clf = Classifier("model.onnx")
     for p in clf.classify(["shoe.png"]):
@@ -18,10 +19,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from exporters import metadata as md
-
-
-class InputError(ValueError):
-    """An input the model cannot take: wrong shape, channel count, unreadable image, unusable model file."""
+from exporters.errors import InputError
+from exporters.formats import open_artifact
+from exporters.sessions import RuntimeOptions
 
 
 @dataclass
@@ -36,18 +36,12 @@ class Prediction:
 class Classifier:
     """An ONNX (onnxruntime) or OpenVINO IR model with the preprocessing its metadata describes."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu"):
         self.path = Path(model_path)
         if not self.path.is_file():
             raise InputError(f"model file {self.path} does not exist")
-        suffix = self.path.suffix.lower()
-        if suffix == ".onnx":
-            self._run, self.meta = _onnxruntime_session(self.path, threads)
-        elif suffix == ".xml":
-            self._run, self.meta = _openvino_model(self.path, threads, device)
-        else:
-            raise InputError(f"{self.path}: unknown model format '{suffix}'; valid: .onnx (onnxruntime), "
-                             ".xml (OpenVINO IR)")
+        self._session = open_artifact(self.path, RuntimeOptions(threads=threads, device=device.lower(), latency=True))
+        self.meta = self._session.metadata
         missing = md.missing_keys(self.meta)
         if missing:
             raise InputError(f"{self.path} carries no pipeline metadata ({', '.join(missing)} missing); "
@@ -110,7 +104,7 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs for an already preprocessed N x C x H x W batch."""
-        return self._run(self.check_input(batch))
+        return self._session.run(self.check_input(batch))
 
     def classify(self, images: Sequence[str | Path], top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
         top_k = max(1, min(top_k, len(self.classes)))
@@ -130,38 +124,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _onnxruntime_session(path: Path, threads: int | None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types for bad files
-        raise InputError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
-    meta = md.decode(session.get_modelmeta().custom_metadata_map)
-    input_name = session.get_inputs()[0].name
-    return (lambda batch: session.run(None, {input_name: batch})[0]), meta
-
-
-def _openvino_model(path: Path, threads: int | None, device: str):
-    import openvino as ov
-
-    from exporters.openvino import metadata_of
-
-    core = ov.Core()
-    try:
-        model = core.read_model(str(path))
-    except Exception as exc:
-        raise InputError(f"OpenVINO cannot read {path}: {str(exc).splitlines()[0]}") from None
-    config = {"PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = core.compile_model(model, device, config)
-    return (lambda batch: compiled(batch)[0]), metadata_of(model)
 
 
 __all__ = ["Classifier", "InputError", "Prediction"]

@@ -1,69 +1,24 @@
 """The model zoo: every teacher and student by name, built from torchvision.
 
-A :class:`ModelSpec` says how to build a model, which submodule is its
-classifier, where its named feature taps are, and which precision trains it
-fastest on a CPU. Specs are registered with :func:`register`; names and
-aliases resolve through :func:`get_spec`.
+A :class:`ModelSpec` (:mod:`models.spec`) says how to build a model, which
+submodule is its classifier and where its named feature taps are. The zoo
+(:mod:`models.zoo`) registers every spec; names and aliases resolve through
+:func:`get_spec`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
+import models.zoo  # noqa: F401  (the zoo registers every architecture on import)
 from models.errors import ModelError, unknown_name
-from models.taps import TapSpec
+from models.spec import _ALIASES, _REGISTRY, ModelSpec, register, unregister
 
-Builder = Callable[[int, int, dict[str, Any]], tuple[nn.Module, dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything the pipeline needs to know about one architecture.
-
-    ``builder(num_classes, image_size, options)`` returns the module and the
-    architecture choices it made (recorded in the run's config).
-    ``cpu_precision`` is the autocast dtype that trains fastest on a CPU
-    (measured by ``benchmarks/precision.py``): bf16 helps transformers, and
-    slows the depthwise/grouped convolutions of small CNNs.
-    """
-
-    name: str
-    role: Literal["teacher", "student"]
-    torchvision_name: str
-    builder: Builder
-    classifier: str
-    taps: dict[str, TapSpec]
-    aliases: tuple[str, ...] = ()
-    cpu_precision: Literal["fp32", "bf16"] = "fp32"
-    default_image_size: int = 224
-    adaptable_keys: tuple[str, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-_REGISTRY: dict[str, ModelSpec] = {}
-_ALIASES: dict[str, str] = {}
-
-
-def register(spec: ModelSpec) -> ModelSpec:
-    for key in (spec.name, *spec.aliases):
-        if key in _REGISTRY or key in _ALIASES:
-            raise ValueError(f"model name '{key}' registered twice")
-    _REGISTRY[spec.name] = spec
-    for alias in spec.aliases:
-        _ALIASES[alias] = spec.name
-    return spec
-
-
-def _ensure_loaded() -> None:
-    # The zoo modules register themselves on import.
-    import models.zoo  # noqa: F401
+__all__ = ["ModelSpec", "build_model", "get_spec", "model_names", "register", "resolved_options", "unregister"]
 
 
 def model_names(role: str | None = None, with_aliases: bool = False) -> list[str]:
-    _ensure_loaded()
     names = [s.name for s in _REGISTRY.values() if role is None or s.role == role]
     if with_aliases:
         names += [a for a, n in _ALIASES.items() if role is None or _REGISTRY[n].role == role]
@@ -72,13 +27,19 @@ def model_names(role: str | None = None, with_aliases: bool = False) -> list[str
 
 def get_spec(name: str, role: str | None = None) -> ModelSpec:
     """Resolve a name or alias; ``role`` limits the search to teachers or students."""
-    _ensure_loaded()
     key = name.strip().lower().replace("-", "_")
     key = _ALIASES.get(key, key)
     spec = _REGISTRY.get(key)
     if spec is None or (role is not None and spec.role != role):
         raise unknown_name(role or "model", name, model_names(role, with_aliases=True))
     return spec
+
+
+def resolved_options(name: str, image_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with what the model would choose for ``image_size`` filled in (unchanged when nothing is left
+    to choose)."""
+    spec = get_spec(name)
+    return dict(spec.resolve(image_size, dict(options))) if spec.resolve else dict(options)
 
 
 def build_model(

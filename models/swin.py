@@ -53,6 +53,13 @@ def _block_with_stage_window(windows_by_dim: dict[int, int], dim: int, num_heads
     return SwinTransformerBlock(dim, num_heads, window_size=[w, w], shift_size=[shift, shift], **kwargs)
 
 
+def resolve_swin_options(image_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    """The options with ``window_per_stage`` chosen for ``image_size`` when it was left open."""
+    if options.get("window_per_stage") is None:
+        options["window_per_stage"] = stage_windows(image_size, int(options.get("window", 7)))
+    return options
+
+
 def build_swin(variant: str, num_classes: int, image_size: int, options: dict[str, Any]) -> tuple[nn.Module, dict]:
     sizes = dict(SWIN_SIZES[variant])
     drop_path = options.get("drop_path")

@@ -7,8 +7,8 @@ from typing import Any
 import torchvision
 from torch import nn
 
-from models.registry import ModelSpec, register
-from models.swin import build_swin
+from models.spec import ModelSpec, register
+from models.swin import build_swin, resolve_swin_options
 from models.taps import TapSpec
 
 
@@ -27,7 +27,7 @@ _SWIN_TAPS = _taps("features.1", "features.3", "features.5", "features.7", layou
 for _variant, _aliases in (("swin_t", ("swin", "swin_tiny")), ("swin_s", ("swin_small",)), ("swin_b", ("swin_base",))):
     register(ModelSpec(
         name=_variant, role="teacher", torchvision_name=_variant, builder=partial(build_swin, _variant),
-        classifier="head", taps=_SWIN_TAPS, aliases=_aliases, cpu_precision="bf16",
+        classifier="head", taps=_SWIN_TAPS, aliases=_aliases, resolve=resolve_swin_options,
         adaptable_keys=("relative_position_bias_table", "relative_position_index"),
         options={"window": 7, "window_per_stage": None, "drop_path": None},
     ))

@@ -10,8 +10,8 @@ from typing import Any, Callable
 
 import click
 
-
-from pipeline.errors import BadInputError, PipelineError, storage_error
+from pipeline.config import BenchConfig, ExportConfig, FuseConfig
+from pipeline.errors import FAILURES, BadInputError, storage_error
 
 log = logging.getLogger("pipeline")
 
@@ -139,7 +139,7 @@ def handle_errors(func: Callable) -> Callable:
         debug = ctx.find_root().params.get("debug", False)
         try:
             return func(*args, **kwargs)
-        except PipelineError as exc:
+        except FAILURES as exc:
             if debug:
                 raise
             click.echo(f"error: {one_line(exc)}", err=True)
@@ -154,7 +154,7 @@ def handle_errors(func: Callable) -> Callable:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
         finally:
-            from pipeline.distributed import shutdown_distributed
+            from pipeline.training.distributed import shutdown_distributed
 
             shutdown_distributed()
 
@@ -210,7 +210,7 @@ STUDENT_GROUPS = (("", DATA_OPTIONS), ("student", TRAIN_OPTIONS), ("student", ST
 
 
 def _context(device: str):
-    from pipeline.distributed import init_distributed
+    from pipeline.training.distributed import init_distributed
 
     try:
         return init_distributed(device)
@@ -226,10 +226,24 @@ def _context(device: str):
 @handle_errors
 def teacher(**params: Any) -> None:
     """Train or fine-tune the teacher; writes RUN_DIR/teacher/."""
-    from pipeline.teacher import run_teacher
+    from pipeline.stages.teacher import run_teacher
 
     cfg = _config(params, *TEACHER_GROUPS, models={"teacher": params.pop("teacher")})
-    run_teacher(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
+    _run_stage(run_teacher, cfg, params)
+
+
+def _run_stage(run_function: Callable, cfg: Any, params: dict[str, Any]) -> Any:
+    """One training stage on its own; RUN_DIR/config.yaml records its settings once it has finished."""
+    from pipeline.layout import RunLayout
+    from pipeline.orchestrate import write_config
+    from pipeline.stages import StageRun
+
+    ctx = _context(params["device"])
+    layout = RunLayout(params["run_dir"])
+    result = run_function(StageRun(cfg, layout, ctx, params["progress"]))
+    if ctx.is_main:
+        write_config(layout, cfg)
+    return result
 
 
 @main.command()
@@ -239,8 +253,7 @@ def teacher(**params: Any) -> None:
               help="named settings: default (Fashion-MNIST, ~10 min on 2 CPU cores), full (224 px, long "
                    "schedules, for GPUs), tiny (a smoke test); --config and flags override it")
 @click.option("--force", "force_stage", metavar="STAGE",
-              help="rerun STAGE and every stage after it: " + ", ".join(
-                  ("teacher", "distill", "baseline", "fuse", "export", "bench", "report")))
+              help="rerun STAGE and every stage after it (the stages are listed above)")
 @click.option("--baseline/--no-baseline", "baseline", default=None,
               help="also train the student alone with the same budget, for the report (default: on)")
 @with_options(*RUN_GROUPS)
@@ -273,94 +286,107 @@ def run(**params: Any) -> None:
 @handle_errors
 def distill(**params: Any) -> None:
     """Train the multi-branch student; writes RUN_DIR/student/."""
-    from pipeline.distill import run_distill
+    from pipeline.stages.distill import run_distill
 
     cfg = _config(params, *STUDENT_GROUPS, models={"student": params.pop("student")})
-    run_distill(cfg, Path(params["run_dir"]), _context(params["device"]), params["progress"])
+    _run_stage(run_distill, cfg, params)
+
+
+def _section(model: type, params: dict[str, Any], *names: str) -> Any:
+    """A config section from the given options; options left out keep the section's own defaults."""
+    from pydantic import ValidationError
+
+    from pipeline.config import describe_error
+
+    try:
+        return model.model_validate({n: params[n] for n in names if params.get(n) is not None})
+    except ValidationError as exc:
+        raise BadInputError(describe_error(exc)) from None
+
+
+def _default(model: type, name: str) -> str:
+    return f"(default {model.model_fields[name].get_default(call_default_factory=True)})"
 
 
 @main.command()
 @click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
 @click.option("--data-root", help="folder holding the dataset files (for the held-out images)")
-@click.option("--images", default=256, show_default=True, help="held-out images compared")
-@click.option("--fp64-tol", default=1e-9, show_default=True, help="max abs logit diff in float64")
-@click.option("--fp32-tol", default=1e-4, show_default=True,
-              help="max abs logit diff in float32, times max(1, max |logit|)")
-@click.option("--min-top1-agreement", default=100.0, show_default=True, help="percent")
+@click.option("--images", type=int, help="held-out images compared " + _default(FuseConfig, "images"))
+@click.option("--fp64-tol", type=float, help="max abs logit diff in float64 " + _default(FuseConfig, "fp64_tol"))
+@click.option("--fp32-tol", type=float, help="max abs logit diff in float32, times max(1, max |logit|) "
+              + _default(FuseConfig, "fp32_tol"))
+@click.option("--min-top1-agreement", type=float, help="percent " + _default(FuseConfig, "min_top1_agreement"))
 @handle_errors
-def fuse(run_dir: str, data_root: str | None, images: int, fp64_tol: float, fp32_tol: float,
-         min_top1_agreement: float) -> None:
+def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
     """Fold the student's branches into the stock network, gated on numerical equivalence; writes RUN_DIR/fused/."""
-    from pipeline.equivalence import Tolerances
-    from pipeline.fuse import run_fuse
+    from exporters.equivalence import Tolerances
+    from pipeline.layout import RunLayout
+    from pipeline.stages.fuse import run_fuse
 
-    run_fuse(Path(run_dir), Tolerances(fp64_tol, fp32_tol, min_top1_agreement), data_root, images)
+    f = _section(FuseConfig, params, "images", "fp64_tol", "fp32_tol", "min_top1_agreement")
+    run_fuse(RunLayout(run_dir), Tolerances(f.fp64_tol, f.fp32_tol, f.min_top1_agreement), data_root, f.images)
 
 
 @main.command()
 @click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
-@click.option("--formats", default="onnx,openvino", show_default=True, help="comma-separated: onnx, openvino")
+@click.option("--formats", help="comma-separated: onnx, openvino (default: all)")
 @click.option("--opset", type=int, help="ONNX opset (default 18 with the dynamo exporter, 17 with torchscript)")
-@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]), default="dynamo", show_default=True,
-              help="torch.export-based exporter (default) or the deprecated TorchScript one")
+@click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]),
+              help="torch.export-based exporter (default dynamo) or the deprecated TorchScript one")
 @click.option("--data-root", help="folder holding the dataset files (for the held-out images)")
-@click.option("--images", default=64, show_default=True, help="held-out images compared")
-@click.option("--tol", "fp32_tol", default=1e-4, show_default=True,
-              help="max abs logit diff, times max(1, max |logit|)")
-@click.option("--min-top1-agreement", default=100.0, show_default=True, help="percent")
+@click.option("--images", type=int, help="held-out images compared " + _default(ExportConfig, "images"))
+@click.option("--tol", "fp32_tol", type=float, help="max abs logit diff, times max(1, max |logit|) "
+              + _default(ExportConfig, "fp32_tol"))
+@click.option("--min-top1-agreement", type=float, help="percent " + _default(ExportConfig, "min_top1_agreement"))
 @click.option("--verify", is_flag=True, help="only re-run the gates on the existing artifacts (exit 3 if they fail)")
 @handle_errors
-def export(run_dir: str, formats: str, opset: int | None, exporter: str, data_root: str | None, images: int,
-           fp32_tol: float, min_top1_agreement: float, verify: bool) -> None:
+def export(run_dir: str, formats: str | None, data_root: str | None, verify: bool, **params: Any) -> None:
     """Export the fused student to ONNX and OpenVINO IR, gated on equivalence; writes RUN_DIR/export/."""
-    from pipeline.equivalence import Tolerances
-    from pipeline.export import ExportSettings, parse_formats, run_export
+    from pipeline.config import PipelineConfig
+    from pipeline.layout import RunLayout
+    from pipeline.stages.export import export_settings, parse_formats, run_export
 
-    settings = ExportSettings(parse_formats(formats), opset, exporter, images,
-                              Tolerances(fp32_rel=fp32_tol, min_top1_agreement=min_top1_agreement))
-    run_export(Path(run_dir), settings, data_root, verify_only=verify)
-
-
-def bench_options(func: Callable) -> Callable:
-    for option in reversed([
-        click.option("--backends", default="torch,onnxruntime,openvino", show_default=True,
-                     help="comma-separated: torch, onnxruntime, openvino"),
-        click.option("--bench-device", "bench_device", default="cpu", show_default=True,
-                     help="cpu, cuda or all (GPU targets that are missing are reported as skipped)"),
-        click.option("--batch-sizes", default="1,32", show_default=True),
-        click.option("--threads", type=int, help="threads per backend (default: all usable cores)"),
-        click.option("--warmup", default=10, show_default=True, help="untimed calls per variant"),
-        click.option("--iterations", type=int, help="timed calls per variant (default: run for --duration)"),
-        click.option("--duration", default=3.0, show_default=True, help="seconds of timing per target and batch"),
-    ]):
-        func = option(func)
-    return func
-
-
-def _bench_args(params: dict[str, Any]) -> dict[str, Any]:
-    from pipeline.bench import parse_batch_sizes, parse_devices
-    from pipeline.errors import parse_list
-    from pipeline.latency import BACKENDS, Budget
-    from pipeline.machine import usable_cores
-
-    if params.get("threads") is not None and params["threads"] < 1:
-        raise BadInputError("--threads must be >= 1")
-    budget = Budget(threads=params.get("threads") or usable_cores(), warmup=params["warmup"],
-                    iterations=params.get("iterations"), duration=params["duration"])
-    return {"backends": parse_list(params["backends"], BACKENDS, "backend"),
-            "devices": parse_devices(params["bench_device"]), "batch_sizes": parse_batch_sizes(params["batch_sizes"]),
-            "budget": budget}
+    if formats is not None:
+        params["formats"] = list(parse_formats(formats))
+    section = _section(ExportConfig, params, "formats", "opset", "exporter", "images", "fp32_tol",
+                       "min_top1_agreement")
+    run_export(RunLayout(run_dir), export_settings(PipelineConfig(export=section)), data_root, verify_only=verify)
 
 
 @main.command()
 @click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
-@bench_options
+@click.option("--backends", help="comma-separated: torch, onnxruntime, openvino (default: all)")
+@click.option("--bench-device", "device", help="cpu, cuda or all (default all: GPU targets that are missing are "
+              "reported as skipped)")
+@click.option("--batch-sizes", help="comma-separated " + _default(BenchConfig, "batch_sizes"))
+@click.option("--threads", type=int, help="threads per backend (default: all usable cores)")
+@click.option("--warmup", type=int, help="untimed calls per variant " + _default(BenchConfig, "warmup"))
+@click.option("--iterations", type=int, help="timed calls per variant (default: run for --duration)")
+@click.option("--duration", type=float, help="seconds of timing per target and batch "
+              + _default(BenchConfig, "duration"))
 @handle_errors
 def bench(run_dir: str, **params: Any) -> None:
     """Latency of the fused, unfused and stock student per backend and device; writes RUN_DIR/bench/."""
-    from pipeline.bench import run_bench
+    from exporters.latency import BACKENDS
+    from pipeline.config import PipelineConfig
+    from pipeline.errors import parse_list
+    from pipeline.layout import RunLayout
+    from pipeline.stages.bench import bench_budget, format_table, parse_batch_sizes, parse_devices, run_bench
+    from pipeline.training.checkpoint import read_json
 
-    run_bench(Path(run_dir), **_bench_args(params))
+    if params["backends"] is not None:
+        params["backends"] = list(parse_list(params["backends"], BACKENDS, "backend"))
+    if params["device"] is not None:
+        devices = parse_devices(params["device"])
+        params["device"] = devices[0] if len(devices) == 1 else "all"
+    if params["batch_sizes"] is not None:
+        params["batch_sizes"] = list(parse_batch_sizes(params["batch_sizes"]))
+    b = _section(BenchConfig, params, "backends", "device", "batch_sizes", "threads", "warmup", "iterations",
+                 "duration")
+    layout = RunLayout(run_dir)
+    run_bench(layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
+              bench_budget(PipelineConfig(bench=b)))
+    click.echo(format_table(read_json(layout.bench.latency)))
 
 
 @main.command()
@@ -375,12 +401,9 @@ def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, ima
     """Classify image files with an exported model, preprocessed as its metadata says."""
     import json
 
-    from exporters.runtime import Classifier, InputError
+    from exporters.runtime import Classifier
 
-    try:
-        predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k)
-    except InputError as exc:
-        raise BadInputError(str(exc)) from None
+    predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k)
     for p in predictions:
         if as_json:
             click.echo(json.dumps({"image": p.source, "label": p.label, "index": p.index,

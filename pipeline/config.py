@@ -3,8 +3,11 @@
 Precedence: built-in defaults < ``--profile`` (``pipeline run``; YAML files in
 ``pipeline/profiles/``) < ``--config FILE`` < command-line flags. The
 resolved config is validated as a whole before any work starts (so an
-invalid value never touches a run directory) and saved to
-``RUN_DIR/config.yaml``.
+invalid value never touches a run directory), completed with the settings the
+defaults leave to the data and the models (:func:`with_derived_settings`: the
+input side, the Swin windows) and saved once to ``RUN_DIR/config.yaml``. The
+stages never write into the config: what they choose while running (precision,
+teacher cache) goes into their own records.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ class DataConfig(_Strict):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        from pipeline.data import check_dataset_name
+        from pipeline.training.data import check_dataset_name
 
         return check_dataset_name(value)
 
@@ -75,7 +78,7 @@ class TeacherConfig(_Strict):
     window: int = Field(7, ge=1, description="largest Swin attention window")
     window_per_stage: Optional[list[int]] = Field(
         None, description="Swin window of each stage; empty = the largest window <= `window` that divides the "
-        "stage's token grid (no padding), filled in when the run starts")
+        "stage's token grid (no padding), filled in when the config is resolved")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("model")
@@ -188,7 +191,7 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _describe(error: ValidationError) -> str:
+def describe_error(error: ValidationError) -> str:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"]) or "config"
     message = first["msg"].removeprefix("Value error, ")
@@ -237,9 +240,25 @@ def resolve_config(config_file: str | Path | None = None, overrides: dict[str, A
         data = _merge(data, read_config_file(config_file))
     data = _merge(data, _drop_none(overrides or {}))
     try:
-        return PipelineConfig.model_validate(data)
+        return with_derived_settings(PipelineConfig.model_validate(data))
     except ValidationError as exc:
-        raise BadInputError(_describe(exc)) from None
+        raise BadInputError(describe_error(exc)) from None
+
+
+def with_derived_settings(cfg: PipelineConfig) -> PipelineConfig:
+    """A copy with the settings that defaults leave open filled in: the input side (the dataset's default) and
+    the teacher's architecture choices for it (Swin: the window of each stage)."""
+    from models import resolved_options
+    from pipeline.training.data import default_image_size
+
+    data = cfg.model_dump()
+    image_size = cfg.data.image_size or default_image_size(cfg.data.dataset)
+    data["data"]["image_size"] = image_size
+    teacher = data["teacher"]
+    options = {key: teacher[key] for key in ("window", "window_per_stage") if key in teacher}
+    teacher.update({k: v for k, v in resolved_options(cfg.teacher.model, image_size, options).items()
+                    if k in teacher})
+    return PipelineConfig.model_validate(data)
 
 
 def _drop_none(tree: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from exporters.errors import ExportError, ExporterError, GateFailedError, InputError
+
 
 class PipelineError(Exception):
     """Base class: a failure the user can act on, reported in one line."""
@@ -21,22 +23,10 @@ class BadInputError(PipelineError):
     exit_code = 2
 
 
-class GateFailedError(PipelineError):
-    """A numerical equivalence check failed."""
-
-    exit_code = 3
-
-
 class TrainingDivergedError(PipelineError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 4
-
-
-class ExportError(PipelineError):
-    """An exporter or runtime failed to produce or load an artifact."""
-
-    exit_code = 5
 
 
 class StorageError(PipelineError):
@@ -45,6 +35,12 @@ class StorageError(PipelineError):
 
     exit_code = 6
 
+
+# Everything the CLI reports in one line with the failure's own exit code (GateFailedError: 3, ExportError: 5
+# and the runtime's InputError: 2 come from :mod:`exporters.errors`).
+FAILURES = (PipelineError, ExporterError)
+__all__ = ["BadInputError", "ExportError", "ExporterError", "FAILURES", "GateFailedError", "InputError",
+           "PipelineError", "StorageError", "TrainingDivergedError", "parse_list", "storage_error", "unknown_name"]
 
 STORAGE_ERRNOS = {"EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EFBIG"}
 

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.data import ArrayImages, BatchPreprocessor
-from pipeline.distributed import DistContext
-from pipeline.engine import fit
-from pipeline.tasks import SupervisedTask
+from pipeline.training.data import ArrayImages, BatchPreprocessor
+from pipeline.training.distributed import DistContext
+from pipeline.training.engine import fit
+from pipeline.training.tasks import SupervisedTask
 from tests.conftest import make_stripes
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -31,7 +31,7 @@ def test_training_on_cuda(tmp_path, precision):
 
 
 def test_fp16_on_cpu_is_refused():
-    from pipeline.engine import choose_precision
+    from pipeline.training.engine import choose_precision
     from pipeline.errors import BadInputError
 
     with pytest.raises(BadInputError, match="fp16 is only supported on CUDA"):
@@ -41,7 +41,7 @@ def test_fp16_on_cpu_is_refused():
 def _tiny_variant(tmp_path):
     from exporters.onnx import export_onnx
     from models import build_model
-    from pipeline.latency import Variant
+    from exporters.latency import Variant
 
     model, _, _ = build_model("shufflenetv2_x0_5", 10, 32, role="student")
     model.eval()
@@ -51,7 +51,7 @@ def _tiny_variant(tmp_path):
 
 @needs_cuda
 def test_bench_torch_on_cuda(tmp_path):
-    from pipeline.latency import Budget, Target, measure_target
+    from exporters.latency import Budget, Target, measure_target
 
     rows = measure_target(Target("torch", "cuda"), [_tiny_variant(tmp_path)], [1, 8], 32,
                           Budget(threads=1, warmup=2, iterations=5))
@@ -67,7 +67,7 @@ def _has_ort_cuda() -> bool:
 @pytest.mark.skipif(not (torch.cuda.is_available() and _has_ort_cuda()),
                     reason="needs a CUDA device and onnxruntime-gpu (CUDAExecutionProvider)")
 def test_bench_onnxruntime_cuda_provider(tmp_path):
-    from pipeline.latency import Budget, Target, measure_target
+    from exporters.latency import Budget, Target, measure_target
 
     rows = measure_target(Target("onnxruntime", "cuda", "CUDAExecutionProvider"), [_tiny_variant(tmp_path)], [1],
                           32, Budget(threads=1, warmup=2, iterations=5))

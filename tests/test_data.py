@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import pipeline.data as data
-from pipeline.data import BatchPreprocessor, load_dataset, read_idx, stratified_subset
+import pipeline.training.data as data
+from pipeline.training.data import BatchPreprocessor, load_dataset, read_idx, stratified_subset
 from pipeline.errors import BadInputError
 from tests.conftest import make_stripes, write_idx
 

@@ -1,6 +1,8 @@
 """A student without the requested distillation point: a one-line bad-input error before anything is written."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from torch import nn
 
@@ -9,8 +11,10 @@ from models.registry import ModelSpec
 from models.reparam import build_multibranch_student, distill_points
 from models.taps import TapSpec
 from pipeline.config import resolve_config
-from pipeline.distill import run_distill
-from pipeline.distributed import DistContext
+from pipeline.layout import RunLayout
+from pipeline.stages import StageRun
+from pipeline.stages.distill import run_distill
+from pipeline.training.distributed import DistContext
 from pipeline.errors import BadInputError
 
 NAME = "test_one_point_net"
@@ -29,14 +33,14 @@ def _build(num_classes: int, image_size: int, options: dict) -> tuple[nn.Module,
 
 
 @pytest.fixture
-def one_point_student(monkeypatch) -> str:
+def one_point_student() -> Iterator[str]:
     """A test-only zoo student (registered for this test, removed after it)."""
     spec = ModelSpec(name=NAME, role="student", torchvision_name=NAME, builder=_build, classifier="fc",
                      taps={"stage2": TapSpec("stem"), "stage3": TapSpec("body"), "final": TapSpec("conv5")},
                      default_image_size=32)
-    registry._ensure_loaded()
-    monkeypatch.setitem(registry._REGISTRY, NAME, spec)
-    return NAME
+    registry.register(spec)
+    yield NAME
+    registry.unregister(NAME)
 
 
 def test_single_point_exists_but_multi_does_not(one_point_student):
@@ -54,7 +58,7 @@ def test_distill_stage_refuses_it_in_one_line_and_touches_nothing(one_point_stud
                                                 "teacher_ckpt": str(tmp_path / "no-teacher.pt")}})
     run_dir = tmp_path / "run"
     with pytest.raises(BadInputError) as error:
-        run_distill(cfg, run_dir, DistContext())
+        run_distill(StageRun(cfg, RunLayout(run_dir), DistContext()))
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"student {one_point_student} lacks the distillation point")
     assert not run_dir.exists()  # refused before the teacher is read or anything is written

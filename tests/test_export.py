@@ -16,15 +16,15 @@ from PIL import Image
 
 from exporters import metadata as md
 from exporters.onnx import export_onnx
-from exporters.onnx import read_metadata as onnx_metadata
 from exporters.openvino import convert_onnx, save_ir
-from exporters.openvino import read_metadata as ir_metadata
+from exporters.formats import read_metadata
+from exporters.sessions import RuntimeOptions, open_session
 from exporters.runtime import Classifier, InputError
 from models import model_names
 from models.reparam import build_multibranch_student, fuse_model
-from pipeline.checkpoint import file_sha256
-from pipeline.equivalence import Tolerances, judge, randomize_bn_statistics
-from pipeline.export import compare_runner, onnxruntime_runner, openvino_runner
+from pipeline.training.checkpoint import file_sha256
+from exporters.equivalence import Tolerances, judge, randomize_bn_statistics
+from exporters.equivalence import compare_runner
 from tests.conftest import TINY, run_cli
 
 META = {"architecture": "test-arch", "zoo_name": "test", "classes": [f"class {i}" for i in range(10)],
@@ -47,14 +47,14 @@ def test_every_fused_student_exports_and_meets_the_f32_gates(name, tmp_path):
     assert not (tmp_path / "model.onnx.data").exists()  # one self-contained file
     proto = onnx.load(str(path))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
-    assert onnx_metadata(path) == meta
+    assert read_metadata(path) == meta
     ir = save_ir(convert_onnx(path, meta), tmp_path / "ir" / "model.xml", compress_to_fp16=False)
-    assert ir_metadata(ir) == meta
+    assert read_metadata(ir) == meta
 
     images = torch.randn(14, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     tol = Tolerances()
-    for runner_name, runner in (("onnxruntime", onnxruntime_runner(path)),
-                                ("openvino f32", openvino_runner(ir, {"INFERENCE_PRECISION_HINT": "f32"}))):
+    for runner_name, runner in (("onnxruntime", open_session(path, "onnxruntime").run),
+                                ("openvino f32", open_session(ir, "openvino", RuntimeOptions(precision="f32")).run)):
         for c in compare_runner(runner_name, fused, runner, images, (1, 7)):
             judge(c, tol)
             assert c.passed, (name, c)
@@ -105,8 +105,8 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     reported = {c["name"] for c in report["reported"]}
     assert reported == {"openvino CPU default precision, batch 7", "openvino CPU FP16 IR, batch 7"}
 
-    meta = onnx_metadata(export_dir / "model.onnx")
-    assert meta == ir_metadata(export_dir / "openvino" / "model.xml") == manifest["metadata"]
+    meta = read_metadata(export_dir / "model.onnx")
+    assert meta == read_metadata(export_dir / "openvino" / "model.xml") == manifest["metadata"]
     assert meta["source_sha256"] == file_sha256(exported / "fused" / "model.pt")
     assert meta["architecture"] == "shufflenet_v2_x0_5" and meta["classes"] == manifest["classes"]
 
@@ -143,7 +143,7 @@ def test_a_perturbed_weight_in_the_exported_file_fails_the_gate(exported, fashio
 
 
 def _fashion_pngs(folder: Path, count: int) -> tuple[list[Path], torch.Tensor]:
-    from pipeline.data import load_dataset
+    from pipeline.training.data import load_dataset
 
     bundle = load_dataset("fashion-mnist", None, False, 32)
     folder.mkdir(parents=True, exist_ok=True)
@@ -158,11 +158,12 @@ def _fashion_pngs(folder: Path, count: int) -> tuple[list[Path], torch.Tensor]:
 
 @pytest.mark.parametrize("artifact", ["model.onnx", "openvino/model.xml"])
 def test_predict_on_real_images_agrees_with_the_pytorch_model(exported, tmp_path, artifact):
-    from pipeline.data import BatchPreprocessor
-    from pipeline.export import load_fused
+    from pipeline.training.data import BatchPreprocessor
+    from pipeline.layout import RunLayout
+    from pipeline.stages.loaders import load_fused
 
     files, raw = _fashion_pngs(tmp_path / "images", 12)
-    model, info = load_fused(exported)
+    model, info = load_fused(RunLayout(exported))
     with torch.no_grad():
         probs = torch.softmax(model(BatchPreprocessor(32, info["mean"], info["std"])(raw)), 1)
     result = run_cli("predict", "--model", str(exported / "export" / artifact), "--json", "--top-k", "3",

@@ -10,8 +10,8 @@ from torch import nn
 from models import build_model, get_spec
 from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
-from pipeline.distill import setup_feature_method
-from pipeline.methods import DistillTask, FrozenTeacher
+from pipeline.stages.distill import setup_feature_method
+from pipeline.training.tasks import DistillTask, FrozenTeacher
 from pipeline.methods.kdiffusion import KDiffusion
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from models import get_spec, model_names
 from models.blocks import BranchConvBN, RepConvBN
 from models.reparam import branch_blocks, build_multibranch_student, distill_points, fuse_model
-from pipeline.equivalence import Tolerances, fusion_checks, gate
+from exporters.equivalence import Tolerances, fusion_checks, gate
 from pipeline.errors import GateFailedError
 
 STUDENTS = model_names("student")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import file_sha256
+from pipeline.training.checkpoint import file_sha256
 from tests.conftest import ROOT, run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
@@ -68,10 +68,10 @@ def test_the_whole_chain_writes_every_artifact_and_passes_every_gate(finished_ru
 
 def test_exported_onnx_predicts_what_the_fused_pytorch_student_predicts(finished_run, fashion_root):
     from exporters.runtime import Classifier
-    from pipeline.export import load_fused
-    from pipeline.fuse import held_out
+    from pipeline.layout import RunLayout
+    from pipeline.stages.loaders import held_out, load_fused
 
-    model, info = load_fused(finished_run)
+    model, info = load_fused(RunLayout(finished_run))
     images, _ = held_out({"dataset": "fashion-mnist", "image_size": info["input_size"][-1]}, str(fashion_root), 100)
     with torch.no_grad():
         expected = model(images).argmax(1).numpy()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.methods import KDMethod, check, register_method
+from pipeline.methods.base import FeaturePair, KDMethod, check, register_method
 
 
 class Projector(nn.Module):
@@ -44,9 +44,10 @@ class PairedFeatureMethod(KDMethod):
     """A method that pairs each student distillation point with a teacher stage (set up by the stage)."""
 
     align = "pool"
+    uses_features = True
+    pairs: list[tuple[str, str]] = []  # (student tap, teacher tap), filled in by setup
 
-    def setup(self, m: int, pairs: list[tuple[str, str, tuple[int, int, int], tuple[int, int, int]]],
-              next_parts: dict[str, nn.Module | None]) -> None:
+    def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
         """``pairs``: (student point tap, teacher tap, student CHW, teacher CHW); ``next_parts`` by teacher tap."""
         self.m = m
         self.pairs = [(s, t) for s, t, _, _ in pairs]
@@ -56,7 +57,7 @@ class PairedFeatureMethod(KDMethod):
 
     @property
     def teacher_taps(self) -> list[str]:
-        return [t for _, t in getattr(self, "pairs", [])]
+        return [t for _, t in self.pairs]
 
 
 def mean_feature(branches: list[torch.Tensor]) -> torch.Tensor:

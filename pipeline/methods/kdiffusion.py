@@ -1,4 +1,4 @@
-"""KDiffusion (Yao et al., AAAI 2024), as specified in docs/kdiffusion.md.
+"""KDiffusion (Yao et al., AAAI 2024), as described in docs/kdiffusion.md.
 
 Per distillation point the student layer has ``m`` parallel linear branches
 (``models.blocks.BranchConvBN``); their projected outputs ``p_j = P(z_j)``
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.methods import check, register_method
+from pipeline.methods.base import FeaturePair, check, register_method
 from pipeline.methods.feature import PairedFeatureMethod, match_size
 from pipeline.methods.diffusion import reverse_steps
 from pipeline.methods.logit import kd_divergence
@@ -50,8 +50,7 @@ class KDiffusion(PairedFeatureMethod):
 
     # --------------------------------------------------------------------------------- set-up
 
-    def setup(self, m: int, pairs: list[tuple[str, str, tuple[int, int, int], tuple[int, int, int]]],
-              next_parts: dict[str, nn.Module | None]) -> None:
+    def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
         super().setup(m, pairs, next_parts)
         steps = reverse_steps(m, self.N, self.schedule, self.weights, self.snr_cap)
         self.register_buffer("omega", steps.omega.float())

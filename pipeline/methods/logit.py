@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods import KDMethod, check, register_method
+from pipeline.methods.base import KDMethod, check, register_method
 
 
 def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -11,15 +11,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint import atomic_write_json, atomic_write_text, file_sha256, read_json, settings_digest
-from pipeline.stage import Stage
+from pipeline.layout import RunLayout
+from pipeline.stages.base import Stage, StageSpec
+from pipeline.training.checkpoint import atomic_write_json, atomic_write_text, file_sha256, read_json, settings_digest
 
 log = logging.getLogger(__name__)
 
-SOURCES = ["manifest.json", "config.yaml", "teacher/metrics.json", "teacher/metrics.jsonl", "student/metrics.json",
-           "student/metrics.jsonl", "baseline/student/metrics.json", "baseline/student/metrics.jsonl",
-           "fused/metrics.json", "fused/equivalence.json", "export/equivalence.json", "export/manifest.json",
-           "bench/latency.json"]
+
+
+def sources(layout: RunLayout) -> list[Path]:
+    """Every file the report is made from (the manifest aside, it decides whether the report is rebuilt)."""
+    baseline = layout.baseline.student
+    return [layout.manifest, layout.config, layout.teacher.metrics, layout.teacher.metrics_log,
+            layout.student.metrics, layout.student.metrics_log, baseline.metrics, baseline.metrics_log,
+            layout.fused.metrics, layout.fused.equivalence, layout.export.equivalence, layout.export.manifest,
+            layout.bench.latency]
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -34,15 +40,15 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def collect(run_dir: Path) -> dict[str, Any]:
+def collect(layout: RunLayout) -> dict[str, Any]:
     """The report's content as one JSON-able dict."""
-    manifest = read_json(run_dir / "manifest.json") or {}
-    teacher = read_json(run_dir / "teacher/metrics.json") or {}
-    student = read_json(run_dir / "student/metrics.json") or {}
-    baseline = read_json(run_dir / "baseline/student/metrics.json") or {}
-    fused = read_json(run_dir / "fused/metrics.json") or {}
-    export_manifest = read_json(run_dir / "export/manifest.json") or {}
-    latency = read_json(run_dir / "bench/latency.json") or {}
+    manifest = read_json(layout.manifest) or {}
+    teacher = read_json(layout.teacher.metrics) or {}
+    student = read_json(layout.student.metrics) or {}
+    baseline = read_json(layout.baseline.student.metrics) or {}
+    fused = read_json(layout.fused.metrics) or {}
+    export_manifest = read_json(layout.export.manifest) or {}
+    latency = read_json(layout.bench.latency) or {}
     arch = student.get("arch", {})
     accuracy = [
         {"model": f"teacher ({teacher.get('arch', {}).get('name', '?')})", "role": "teacher",
@@ -51,7 +57,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
          "top1": baseline.get("top1")},
         {"model": f"multi-branch student ({arch.get('name', '?')}, {arch.get('method', '?')})", "role": "student",
          "top1": student.get("top1")},
-        {"model": f"fused student ({(read_json(run_dir / 'fused/model.json') or {}).get('architecture', '?')})",
+        {"model": f"fused student ({(read_json(layout.fused.model_info) or {}).get('architecture', '?')})",
          "role": "fused", "top1": fused.get("top1")},
     ]
     return {
@@ -64,11 +70,10 @@ def collect(run_dir: Path) -> dict[str, Any]:
         "student": {"arch": arch.get("name"), "method": arch.get("method"),
                     "method_options": arch.get("method_options"), "multibranch": arch.get("multibranch"),
                     "teacher": arch.get("teacher")},
-        "curves": {name: _jsonl(run_dir / path) for name, path in
-                   (("teacher", "teacher/metrics.jsonl"), ("student", "student/metrics.jsonl"),
-                    ("baseline", "baseline/student/metrics.jsonl"))},
-        "equivalence": {"fuse": read_json(run_dir / "fused/equivalence.json"),
-                        "export": read_json(run_dir / "export/equivalence.json")},
+        "curves": {name: _jsonl(folder.metrics_log) for name, folder in
+                   (("teacher", layout.teacher), ("student", layout.student), ("baseline", layout.baseline.student))},
+        "equivalence": {"fuse": read_json(layout.fused.equivalence),
+                        "export": read_json(layout.export.equivalence)},
         "latency": latency,
         "artifacts": {"input": export_manifest.get("input"), "output": export_manifest.get("output"),
                       "files": export_manifest.get("artifacts", []), "onnx": export_manifest.get("onnx")},
@@ -197,9 +202,9 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     md += ["## Accuracy", ""]
     md += _table(["model", "test top-1"], [(a["model"], _fmt(a["top1"], ".2f", "%")) for a in report["accuracy"]])
     if "accuracy" in plots:
-        md += [f"![accuracy](report/{plots['accuracy']})", ""]
+        md += [f"![accuracy]({plots['accuracy']})", ""]
     if "training_curves" in plots:
-        md += ["### Training curves", "", f"![training curves](report/{plots['training_curves']})", ""]
+        md += ["### Training curves", "", f"![training curves]({plots['training_curves']})", ""]
     s = report["student"]
     if s.get("multibranch"):
         mb = s["multibranch"]
@@ -246,7 +251,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                          [(q["backend"], q["device"], q["batch"], q["ratio"], f"{q['p50_ratio']:.3f}")
                           for q in latency["ratios"]])
         if "latency" in plots:
-            md += [f"![latency](report/{plots['latency']})", ""]
+            md += [f"![latency]({plots['latency']})", ""]
 
     art = report["artifacts"]
     if art.get("files"):
@@ -270,21 +275,26 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     return "\n".join(md)
 
 
-def write_report(run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    stage = Stage(run_dir, "report")
+def write_report(layout: RunLayout) -> dict[str, Any]:
+    stage = Stage(layout.report, "report")
     # the manifest changes with every invocation (timings, actions); the report follows the stages' results
-    inputs = {name: file_sha256(run_dir / name) for name in SOURCES
-              if name != "manifest.json" and (run_dir / name).is_file()}
+    inputs = {layout.relative(path): file_sha256(path) for path in sources(layout)
+              if path != layout.manifest and path.is_file()}
     settings_hash = settings_digest(inputs)
     done = stage.finished(settings_hash)
-    if done is not None and (run_dir / "report.md").exists() and (run_dir / "report.json").exists():
+    if done is not None and layout.report_md.exists() and layout.report_json.exists():
         log.info("report: up to date; skipping")
         return done
-    report = collect(run_dir)
-    plots = _plots(report, stage.dir)
-    report["plots"] = {name: f"report/{file}" for name, file in plots.items()}
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", to_markdown(report, plots))
-    log.info("report: %s, %s", run_dir / "report.md", run_dir / "report.json")
-    return stage.mark_complete(settings_hash, list(plots.values()), {"plots": list(plots.values())})
+    report = collect(layout)
+    plots = {name: layout.relative(stage.folder / file) for name, file in _plots(report, stage.dir).items()}
+    report["plots"] = plots
+    atomic_write_json(layout.report_json, report)
+    atomic_write_text(layout.report_md, to_markdown(report, plots))
+    log.info("report: %s, %s", layout.report_md, layout.report_json)
+    files = [Path(path).name for path in plots.values()]
+    return stage.mark_complete(settings_hash, files, {"plots": files})
+
+
+STAGE = StageSpec(name="report", folder=lambda layout: layout.report, run=lambda run: write_report(run.layout),
+                  inputs=lambda layout: [layout.teacher.metrics, layout.student.metrics, layout.fused.equivalence,
+                                         layout.export.equivalence, layout.bench.latency])

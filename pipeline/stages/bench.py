@@ -3,7 +3,7 @@
 Reads ``RUN_DIR/fused``, ``RUN_DIR/student`` and (when present)
 ``RUN_DIR/export``; writes ``RUN_DIR/bench/latency.json`` (machine info, the
 budget, one row per target x variant x batch size, fused/stock and
-fused/unfused ratios) and prints the table. ``stock`` is the torchvision
+fused/unfused ratios) and logs the table. ``stock`` is the torchvision
 network the student is built on, freshly initialised: the same architecture
 as the fused student, so fused/stock ~ 1 shows that fusion left nothing behind.
 """
@@ -16,11 +16,15 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import atomic_write_json, file_sha256, settings_digest
+from exporters.formats import IR_FILE, ONNX_FILE
+from exporters.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
+from models import build_model
 from pipeline.errors import BadInputError, parse_list
-from pipeline.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
-from pipeline.machine import machine_info
-from pipeline.stage import Stage
+from pipeline.layout import RunLayout
+from pipeline.machine import machine_info, usable_cores
+from pipeline.stages.base import Stage, StageRun, StageSpec
+from pipeline.stages.loaders import load_fused, load_student
+from pipeline.training.checkpoint import atomic_write_json, file_sha256, settings_digest
 
 log = logging.getLogger(__name__)
 
@@ -45,50 +49,43 @@ def export_variant_onnx(module: torch.nn.Module, path: Path, meta: dict[str, Any
     return export_onnx(module, path, tuple(meta["input_size"]), meta)
 
 
-def load_variants(run_dir: Path, work_dir: Path, need_onnx: bool) -> tuple[list[Variant], dict[str, Any]]:
+def load_variants(layout: RunLayout, work_dir: Path, need_onnx: bool) -> tuple[list[Variant], dict[str, Any]]:
     """fused, unfused and stock versions of the run's student, with ONNX files when ``need_onnx``."""
-    from models import build_model
-    from pipeline.export import IR_FILE, ONNX_FILE, load_fused
-    from pipeline.fuse import load_student
-
-    fused, info = load_fused(run_dir)
-    unfused, _ = load_student(run_dir)
+    fused, info = load_fused(layout)
+    unfused, _ = load_student(layout)
     stock, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
     variants = [Variant("fused", fused), Variant("unfused", unfused.float().eval()), Variant("stock", stock.eval())]
     if need_onnx:
-        export_dir = Path(run_dir) / "export"
-        exported = (export_dir / "stage.json").exists() and (export_dir / ONNX_FILE).exists()
+        export = layout.export
+        exported = export.marker.exists() and (export / ONNX_FILE).exists()
         meta = {"architecture": info["architecture"], "input_size": info["input_size"]}
         for variant in variants:
             if variant.name == "fused" and exported:
-                variant.onnx = export_dir / ONNX_FILE
-                variant.ir = export_dir / IR_FILE if (export_dir / IR_FILE).exists() else None
+                variant.onnx = export / ONNX_FILE
+                variant.ir = export / IR_FILE if (export / IR_FILE).exists() else None
             else:
                 variant.onnx = export_variant_onnx(variant.module, work_dir / f"{variant.name}.onnx", meta)
     return variants, info
 
 
-def run_bench(run_dir: Path, backends: Sequence[str] = BACKENDS, devices: Sequence[str] = ("cpu",),
+def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Sequence[str] = ("cpu",),
               batch_sizes: Sequence[int] = (1, 32), budget: Budget | None = None,
               reuse: bool = False) -> dict[str, Any]:
     """Measure and write ``bench/latency.json``; with ``reuse``, a finished measurement of the same
     fused student with the same settings is kept (``pipeline run``), otherwise it is always remeasured."""
-    from pipeline.machine import usable_cores
-
-    run_dir = Path(run_dir)
     budget = budget or Budget(threads=usable_cores())
-    stage = Stage(run_dir, "bench")
-    if not (run_dir / "fused" / "model.pt").is_file():
-        raise BadInputError(f"no fused student in {run_dir / 'fused'}; run `pipeline fuse` first")
+    stage = Stage(layout.bench, "bench")
+    if not layout.fused.model.is_file():
+        raise BadInputError(f"no fused student in {layout.fused.path}; run `pipeline fuse` first")
     settings_hash = settings_digest({"backends": list(backends), "devices": list(devices),
                                      "batch_sizes": list(batch_sizes), "budget": vars(budget),
-                                     "fused": file_sha256(run_dir / "fused" / "model.pt")})
+                                     "fused": file_sha256(layout.fused.model)})
     done = stage.finished(settings_hash) if reuse else None
     if done is not None:
         log.info("bench: measured already for this fused student and these settings; skipping")
         return done
     stage.marker.unlink(missing_ok=True)
-    variants, info = load_variants(run_dir, stage.dir / "onnx", need_onnx=any(b != "torch" for b in backends))
+    variants, info = load_variants(layout, stage.folder / "onnx", need_onnx=any(b != "torch" for b in backends))
     size = info["input_size"][-1]
     rows: list[dict[str, Any]] = []
     for target in targets_for(backends, devices):
@@ -102,9 +99,9 @@ def run_bench(run_dir: Path, backends: Sequence[str] = BACKENDS, devices: Sequen
         "results": rows,
         "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused"),
     }
-    atomic_write_json(stage.dir / "latency.json", result)
-    print(format_table(result))
-    return stage.mark_complete(settings_hash, ["latency.json"],
+    atomic_write_json(stage.folder.latency, result)
+    log.info("bench:\n%s", format_table(result))
+    return stage.mark_complete(settings_hash, list(STAGE.outputs),
                                {"rows": len(rows), "skipped": sum(r["status"] == "skipped" for r in rows)})
 
 
@@ -130,3 +127,18 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("p50 ratios: " + "; ".join(
             f"{q['backend']}/{q['device']} b{q['batch']} {q['ratio']} {q['p50_ratio']:.3f}" for q in result["ratios"]))
     return "\n".join(lines)
+
+
+def bench_budget(cfg: Any) -> Budget:
+    b = cfg.bench
+    return Budget(threads=b.threads or usable_cores(), warmup=b.warmup, iterations=b.iterations, duration=b.duration)
+
+
+def run_bench_stage(run: StageRun) -> dict[str, Any]:
+    b = run.cfg.bench
+    return run_bench(run.layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
+                     bench_budget(run.cfg), reuse=True)
+
+
+STAGE = StageSpec(name="bench", folder=lambda layout: layout.bench, run=run_bench_stage,
+                  inputs=lambda layout: [layout.fused.model, layout.student.model], outputs=("latency.json",))

@@ -1,4 +1,8 @@
-"""What every stage shares: its folder's bookkeeping, data preparation, and the training-stage flow.
+"""What every stage shares: its declaration, its folder's bookkeeping, data preparation, the training flow.
+
+A stage module declares itself with a :class:`StageSpec` (name, folder,
+inputs, outputs, run function); :mod:`pipeline.stages` lists them in order and
+the orchestrator derives everything else from that list.
 
 ``STAGE/stage.json`` is written last, atomically, when the stage's outputs
 are complete; its ``settings_hash`` tells a rerun whether the finished
@@ -9,29 +13,73 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.checkpoint import atomic_save, atomic_write_json, atomic_write_text, read_json
-from pipeline.config import PipelineConfig, TrainConfig, config_to_yaml
-from pipeline.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
-from pipeline.distributed import DistContext
-from pipeline.engine import fit, read_resume_state
+from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.layout import RunLayout, StageFolder
+from pipeline.training.checkpoint import atomic_save, atomic_write_json, read_json
+from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
+from pipeline.training.distributed import DistContext
+from pipeline.training.engine import fit, read_resume_state
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class StageRun:
+    """What a stage's run function gets from the orchestrator (or from its own CLI command)."""
+
+    cfg: PipelineConfig
+    layout: RunLayout
+    ctx: DistContext
+    progress: bool | None = None
+
+
+def _always(cfg: PipelineConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of ``pipeline run``.
+
+    ``folder`` and ``inputs`` name paths through the run's :class:`RunLayout`;
+    ``inputs`` are the files the stage reads from the stages before it (their
+    sha256 go into the manifest); ``outputs`` are the files it always writes
+    into its folder (a stage may list more in its ``stage.json``).
+    ``per_rank``: runs on every torchrun process (the training stages), else
+    on the main process only.
+    """
+
+    name: str
+    folder: Callable[[RunLayout], StageFolder]
+    run: Callable[[StageRun], Any]
+    inputs: Callable[[RunLayout], list[Path]] = lambda layout: []
+    outputs: tuple[str, ...] = ()
+    per_rank: bool = False
+    enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+
+
+TRAINING_OUTPUTS = ("model.pt", "metrics.json", "metrics.jsonl")
+
+
 class Stage:
-    def __init__(self, run_dir: Path, name: str):
+    """The bookkeeping of one stage's folder: is it finished with these settings, mark it finished."""
+
+    def __init__(self, folder: StageFolder, name: str):
         self.name = name
-        self.dir = Path(run_dir) / name
+        self.folder = folder
+        self.dir = folder.path
 
     @property
     def marker(self) -> Path:
-        return self.dir / "stage.json"
+        return self.folder.marker
 
     def finished(self, settings_hash: str) -> dict[str, Any] | None:
         """The completion record when the stage finished with these settings and its outputs exist."""
@@ -54,15 +102,10 @@ class Stage:
 
 
 def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
-    """Load the dataset and its subsets; returns (bundle, train split, test split, image size).
-
-    Fills ``cfg.data.image_size`` with the dataset's default when unset, so the
-    saved config is fully resolved.
-    """
+    """Load the dataset and its subsets; returns (bundle, train split, test split, image size)."""
     data = cfg.data
     bundle = load_dataset(data.dataset, data.data_root, data.download, data.image_size)
     image_size = data.image_size or bundle.default_image_size
-    data.image_size = image_size
     train = stratified_subset(bundle.train, data.subset, cfg.seed, "subset")
     test = stratified_subset(bundle.test, data.eval_subset, cfg.seed, "eval_subset")
     return bundle, train, test, image_size
@@ -83,7 +126,7 @@ def set_deterministic(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = not enabled
 
 
-def train_stage(stage: Stage, cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, bundle: DataBundle,
+def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: DataBundle,
                 train: Any, test: Any, image_size: int, task: nn.Module, train_cfg: TrainConfig, settings_hash: str,
                 arch: dict[str, Any], progress: bool | None) -> dict[str, Any]:
     """Skip, resume or run one training stage; writes model.pt, metrics.json(l) and stage.json."""
@@ -97,15 +140,14 @@ def train_stage(stage: Stage, cfg: PipelineConfig, run_dir: Path, ctx: DistConte
              len(train), len(test), image_size, image_size, bundle.source)
     prep = BatchPreprocessor(image_size, bundle.mean, bundle.std, seed=cfg.seed, augment=cfg.data.augment)
     result = fit(task, train, test, prep, train_cfg, stage.dir, ctx, seed=cfg.seed, settings_hash=settings_hash,
-                 num_workers=cfg.data.num_workers, progress=progress, resume_state=resume, label=stage.name,
-                 on_checkpoint=lambda: atomic_write_text(Path(run_dir) / "config.yaml", config_to_yaml(cfg)))
+                 num_workers=cfg.data.num_workers, progress=progress, resume_state=resume, label=stage.name)
     summary = {**result.as_dict(), "dataset": bundle.name, "classes": bundle.classes, "mean": list(bundle.mean),
                "std": list(bundle.std), "image_size": image_size, "arch": arch, "train_images": len(train),
                "test_images": len(test), "world_size": ctx.world_size}
     if ctx.is_main:
-        atomic_save(task.model.state_dict(), stage.dir / "model.pt")
-        atomic_write_json(stage.dir / "metrics.json", summary)
-        summary = stage.mark_complete(settings_hash, ["model.pt", "metrics.json", "metrics.jsonl"], summary)
+        atomic_save(task.model.state_dict(), stage.folder.model)
+        atomic_write_json(stage.folder.metrics, summary)
+        summary = stage.mark_complete(settings_hash, list(TRAINING_OUTPUTS), summary)
     ctx.barrier()
     log.info("%s: test top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s of training", stage.name, result.top1,
              result.best_top1, result.best_epoch, result.train_time_s)

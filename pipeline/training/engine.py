@@ -7,7 +7,7 @@ and whose ``model`` attribute is the network that is evaluated and saved
 does the rest: DDP, mixed precision, schedules, clipping, evaluation, metrics,
 atomic checkpoints every epoch, and bit-exact resume.
 
-Layout written under ``stage_dir``::
+Written into the stage's folder (:class:`pipeline.layout.StageFolder`)::
 
     checkpoints/last.pt   everything needed to resume (atomic, every epoch)
     checkpoints/best.pt   model weights of the best test top-1 so far
@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from pipeline.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng, seed_everything
+from pipeline.training.checkpoint import atomic_save, atomic_write_text, capture_rng, load_checkpoint, restore_rng, seed_everything
 from pipeline.config import TrainConfig
-from pipeline.data import BatchPreprocessor, collate, default_num_workers
-from pipeline.distributed import DistContext
+from pipeline.training.data import BatchPreprocessor, collate, default_num_workers
+from pipeline.training.distributed import DistContext
 from pipeline.errors import BadInputError, TrainingDivergedError
+from pipeline.layout import StageFolder
 from pipeline.machine import native_bf16
 
 log = logging.getLogger(__name__)
@@ -173,7 +174,7 @@ def evaluate(model: nn.Module, loader: DataLoader, prep: BatchPreprocessor, ctx:
 # ----------------------------------------------------------------------------- precision probe
 
 
-def _time_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, precision: str,
+def time_train_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, precision: str,
                 steps: int = 3) -> float:
     probe = copy.deepcopy(task).to(device).train()
     params = [p for p in probe.parameters() if p.requires_grad]
@@ -220,7 +221,7 @@ def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labe
     rng = capture_rng()
     decision: dict[str, Any] = {"choice": "fp32", "probe": {}}
     if ctx.is_main and native_bf16():
-        probe = {p: round(_time_steps(task, images, labels, ctx.device, p), 1) for p in ("fp32", "bf16")}
+        probe = {p: round(time_train_steps(task, images, labels, ctx.device, p), 1) for p in ("fp32", "bf16")}
         decision = {"choice": pick_precision(probe), "probe": probe}
     restore_rng(rng)
     decision = ctx.broadcast(decision)
@@ -234,13 +235,13 @@ def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labe
 # ----------------------------------------------------------------------------- the loop
 
 
-def _checkpoint_paths(stage_dir: Path) -> tuple[Path, Path]:
-    return stage_dir / "checkpoints" / "last.pt", stage_dir / "checkpoints" / "best.pt"
+def _folder(where: StageFolder | Path) -> StageFolder:
+    return where if isinstance(where, StageFolder) else StageFolder(Path(where))
 
 
-def read_resume_state(stage_dir: Path, settings_hash: str) -> dict[str, Any] | None:
+def read_resume_state(folder: StageFolder | Path, settings_hash: str) -> dict[str, Any] | None:
     """The last checkpoint if it belongs to these settings; raises on a corrupt file."""
-    last, _ = _checkpoint_paths(stage_dir)
+    last = _folder(folder).last_checkpoint
     if not last.exists():
         return None
     state = load_checkpoint(last)
@@ -254,17 +255,16 @@ def read_resume_state(stage_dir: Path, settings_hash: str) -> dict[str, Any] | N
 
 
 def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPreprocessor, cfg: TrainConfig,
-        stage_dir: Path, ctx: DistContext, *, seed: int, settings_hash: str, num_workers: int | None = None,
-        progress: bool | None = None, resume_state: dict[str, Any] | None = None, label: str = "train",
-        on_checkpoint: Callable[[], None] | None = None) -> FitResult:
+        folder: StageFolder | Path, ctx: DistContext, *, seed: int, settings_hash: str,
+        num_workers: int | None = None, progress: bool | None = None, resume_state: dict[str, Any] | None = None,
+        label: str = "train") -> FitResult:
     """Train ``task`` for ``cfg.epochs`` epochs, resuming from ``resume_state`` when given.
 
     Nothing is written before the first epoch ends (so bad input found while
-    reading the data leaves a run directory as it was); ``on_checkpoint`` runs
-    on rank 0 after each checkpoint.
+    reading the data leaves a run directory as it was).
     """
-    stage_dir = Path(stage_dir)
-    last_path, best_path = _checkpoint_paths(stage_dir)
+    folder = _folder(folder)
+    last_path, best_path = folder.last_checkpoint, folder.best_checkpoint
     seed_everything(seed + ctx.rank)
     task.to(ctx.device)
     loader, sampler = train_loader(train_set, cfg.batch_size, ctx, seed, num_workers)
@@ -305,8 +305,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False,
                    dynamic_ncols=True, mininterval=1.0)
         for step, (images, labels, idx) in enumerate(bar):
-            if hasattr(task, "set_progress"):
-                task.set_progress(epoch + step / steps_per_epoch)
+            task.set_progress(epoch + step / steps_per_epoch)
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
             x = prep(images, idx, epoch, len(train_set))
             with autocast(ctx.device, precision):
@@ -354,9 +353,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
                          else None, "best_top1": best_top1, "best_epoch": best_epoch, "history": history,
                          "train_time_s": train_time, "precision": precision, "probe": probe, "rng": rng_states},
                         last_path)
-            atomic_write_text(stage_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-            if on_checkpoint is not None:
-                on_checkpoint()
+            atomic_write_text(folder.metrics_log, "".join(json.dumps(r) + "\n" for r in history))
         ctx.barrier()
         log.info("%s epoch %d/%d: loss %.4f, train top-1 %.2f%%, test top-1 %.2f%% (top-5 %.2f%%), %.0f img/s",
                  label, epoch + 1, cfg.epochs, record["train_loss"], record["train_top1"], metrics["test_top1"],

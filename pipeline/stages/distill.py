@@ -1,12 +1,15 @@
-"""The distill stage: train the multi-branch student (``pipeline distill``).
+"""The distill stage: train the multi-branch student (``pipeline distill``), and the baseline stage.
 
 Writes ``RUN_DIR/student/{model.pt, metrics.json, metrics.jsonl, stage.json}``;
 ``model.pt`` holds the multi-branch student only (no teacher, projector or
 loss state) and ``metrics.json`` records how to rebuild it. Methods that
 need a teacher read ``RUN_DIR/teacher/model.pt`` (or ``--teacher-ckpt``).
+The baseline stage trains the same student with the same budget and no
+teacher into ``RUN_DIR/baseline/student/``, for the report's comparison.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 import time
@@ -15,44 +18,22 @@ from typing import Any
 
 import torch
 
-from models import FeatureTaps, ModelError, TapSpec, build_model, get_spec
+from models import FeatureTaps, ModelError, TapSpec, get_spec
 from models.heads import next_part
 from models.reparam import build_multibranch_student
-from pipeline.checkpoint import file_sha256, load_checkpoint, read_json, seed_everything
-from pipeline.config import PipelineConfig, StudentConfig
-from pipeline.data import BatchPreprocessor, DataBundle
-from pipeline.distributed import DistContext
-from pipeline.engine import pick_precision
+from pipeline.config import PipelineConfig, StudentConfig, with_derived_settings
 from pipeline.errors import BadInputError
-from pipeline.methods import DistillTask, FrozenTeacher, KDMethod, get_method
-from pipeline.methods.teacher_cache import CACHEABLE_AUGMENTATIONS, TeacherOutputCache
-from pipeline.stage import Stage, data_settings, prepare_data, train_stage
+from pipeline.methods import KDMethod, get_method
+from pipeline.stages.base import TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_settings, prepare_data, train_stage
+from pipeline.stages.loaders import load_teacher
+from pipeline.training.checkpoint import file_sha256, seed_everything
+from pipeline.training.data import BatchPreprocessor, DataBundle
+from pipeline.training.distributed import DistContext
+from pipeline.training.engine import pick_precision
+from pipeline.training.tasks import DistillTask, FrozenTeacher
+from pipeline.training.teacher_cache import CACHEABLE_AUGMENTATIONS, TeacherOutputCache
 
 log = logging.getLogger(__name__)
-
-
-def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a finished teacher from its ``model.pt`` and the ``metrics.json`` beside it."""
-    meta = read_json(path.parent / "metrics.json")
-    if not isinstance(meta, dict) or "arch" not in meta:
-        raise BadInputError(f"no teacher metadata at {path.parent / 'metrics.json'}; train it with "
-                            "`pipeline teacher` or give --teacher-ckpt DIR/teacher/model.pt")
-    arch = meta["arch"]
-    if arch["num_classes"] != bundle.num_classes:
-        raise BadInputError(f"teacher checkpoint {path} has {arch['num_classes']} classes but dataset "
-                            f"{bundle.name} has {bundle.num_classes}")
-    if arch["image_size"] != image_size:
-        raise BadInputError(f"teacher checkpoint {path} was trained at {arch['image_size']}x{arch['image_size']} "
-                            f"but the student runs at {image_size}x{image_size} (set --image-size)")
-    spec = get_spec(arch["name"])
-    options = {k: arch[k] for k in ("window_per_stage", "drop_path") if k in arch and k in spec.options}
-    try:
-        model, _, _ = build_model(spec.name, arch["num_classes"], image_size, **options)
-        model.load_state_dict(load_checkpoint(path, "teacher checkpoint"), strict=True)
-    except (ModelError, RuntimeError) as exc:
-        raise BadInputError(f"teacher checkpoint {path} does not match its metadata: "
-                            f"{str(exc).splitlines()[0]}") from None
-    return model, meta
 
 
 @torch.no_grad()
@@ -135,9 +116,10 @@ def make_teacher_cache(s: StudentConfig, augment: str) -> TeacherOutputCache | N
     return TeacherOutputCache(s.teacher_cache_mb * 2**20, getattr(torch, s.teacher_cache_dtype))
 
 
-def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: bool | None = None) -> dict[str, Any]:
+def run_distill(run: StageRun) -> dict[str, Any]:
+    """Run (or skip, or resume) the distillation; returns the student's metrics."""
+    cfg, ctx = with_derived_settings(run.cfg), run.ctx
     s = cfg.student
-    run_dir = Path(run_dir)
     seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
     method_cls = get_method(s.method)
     bundle, train, test, image_size = prepare_data(cfg)
@@ -150,7 +132,7 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
     teacher, teacher_info, sample = None, None, None
     if method_cls.needs_teacher:
         sample = sample_input(train, bundle, image_size, ctx)
-        ckpt = Path(s.teacher_ckpt) if s.teacher_ckpt else run_dir / "teacher" / "model.pt"
+        ckpt = Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model
         teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size)
         teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"),
                         "model": teacher_meta["arch"]["name"], **choose_teacher_precision(teacher_model, sample, ctx.device)}
@@ -162,7 +144,7 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
         teacher_info["sha256"] = file_sha256(Path(teacher_info["checkpoint"]))
         settings_hash += "-" + teacher_info["sha256"][:16]
     points = arch["multibranch"]["distill_points"]
-    if hasattr(method, "setup"):  # feature methods (all of which need a teacher)
+    if method.uses_features:  # feature methods (all of which need a teacher)
         setup_feature_method(method, model, teacher, points, s.m, sample)
     cache = make_teacher_cache(s, cfg.data.augment) if teacher is not None else None
     if teacher_info:
@@ -172,9 +154,28 @@ def run_distill(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
     arch["method"] = s.method
     arch["method_options"] = dict(s.method_options)
     arch["teacher"] = teacher_info
-    summary = train_stage(Stage(run_dir, "student"), cfg, run_dir, ctx, bundle=bundle, train=train, test=test,
+    summary = train_stage(Stage(run.layout.student, "student"), cfg, ctx, bundle=bundle, train=train, test=test,
                           image_size=image_size, task=task, train_cfg=s.train, settings_hash=settings_hash, arch=arch,
-                          progress=progress)
+                          progress=run.progress)
     if cache is not None and cache.hits + cache.misses:
         log.info("teacher cache in the last epoch: %s", cache.stats())
     return summary
+
+
+def baseline_config(cfg: PipelineConfig) -> PipelineConfig:
+    """The same student, data and budget, trained alone (no teacher)."""
+    base = copy.deepcopy(cfg)
+    base.student.method = "none"
+    base.student.method_options = {}
+    return base
+
+
+def run_baseline(run: StageRun) -> dict[str, Any]:
+    """The student alone, in the run's ``baseline/`` layout."""
+    return run_distill(StageRun(baseline_config(run.cfg), run.layout.baseline, run.ctx, run.progress))
+
+
+STAGE = StageSpec(name="distill", folder=lambda layout: layout.student, run=run_distill,
+                  inputs=lambda layout: [layout.teacher.model], outputs=TRAINING_OUTPUTS, per_rank=True)
+BASELINE = StageSpec(name="baseline", folder=lambda layout: layout.baseline.student, run=run_baseline,
+                     outputs=TRAINING_OUTPUTS, per_rank=True, enabled=lambda cfg: cfg.baseline)

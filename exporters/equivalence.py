@@ -7,13 +7,14 @@ mode (copies are put in eval mode, whatever mode the caller left them in).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import GateFailedError
+from exporters.errors import GateFailedError
 
 
 @dataclass
@@ -48,6 +49,20 @@ def compare_outputs(name: str, reference: torch.Tensor, candidate: torch.Tensor,
                       max_rel_diff=diff.max().item() / max(max_abs_logit, 1e-30), max_abs_logit=max_abs_logit,
                       top1_agreement=100.0 * (ref.argmax(1) == cand.argmax(1)).double().mean().item(),
                       samples=len(ref))
+
+
+def compare_runner(name: str, reference: nn.Module, runner: Callable[[np.ndarray], np.ndarray],
+                   images: torch.Tensor, batch_sizes: Sequence[int]) -> list[Comparison]:
+    """An exported model's runner (numpy batch -> logits) vs the PyTorch model, at each batch size, over all
+    ``images``."""
+    with torch.no_grad():
+        expected = reference(images)
+    results = []
+    for batch in batch_sizes:
+        outputs = [runner(np.ascontiguousarray(chunk.numpy())) for chunk in images.split(batch)]
+        got = torch.from_numpy(np.concatenate(outputs)).double()
+        results.append(compare_outputs(f"{name}, batch {batch}", expected, got, "float32"))
+    return results
 
 
 @torch.no_grad()

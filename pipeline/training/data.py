@@ -314,6 +314,11 @@ def check_dataset_name(name: str) -> str:
     raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_NAMES)}")
 
 
+def default_image_size(name: str) -> int:
+    """The input side a dataset trains at unless told otherwise: 32 for the 28/32-pixel sets, 224 for folders."""
+    return 224 if check_dataset_name(name).startswith("imagefolder:") else 32
+
+
 def load_dataset(name: str, data_root: str | None = None, download: bool = False,
                  image_size: int | None = None) -> DataBundle:
     """Load both splits; ``image_size`` is only needed to decode image folders."""
@@ -324,15 +329,15 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
     if name == "fashion-mnist":
         train, test, source = _load_fashion_mnist(root, download)
         mean, std = _STATS[name]
-        return DataBundle(name, train, test, list(FASHION_CLASSES), mean, std, 32, source)
+        return DataBundle(name, train, test, list(FASHION_CLASSES), mean, std, default_image_size(name), source)
     if name in _CIFAR:
         train, test, classes, source = _load_cifar(name, root, download)
         mean, std = _STATS[name]
-        return DataBundle(name, train, test, classes, mean, std, 32, source)
+        return DataBundle(name, train, test, classes, mean, std, default_image_size(name), source)
     folder = Path(name.split(":", 1)[1]).expanduser()
-    size = image_size or 224
+    size = image_size or default_image_size(name)
     train, test, classes = _load_imagefolder(folder, size)
-    return DataBundle(name, train, test, classes, IMAGENET_MEAN, IMAGENET_STD, 224, str(folder))
+    return DataBundle(name, train, test, classes, IMAGENET_MEAN, IMAGENET_STD, default_image_size(name), str(folder))
 
 
 def stratified_subset(split: Dataset, n: int | None, seed: int, what: str) -> Dataset:

@@ -1,12 +1,11 @@
 """The teacher stage: train or fine-tune a teacher on the dataset (``pipeline teacher``).
 
-Writes ``RUN_DIR/teacher/{model.pt, metrics.json, metrics.jsonl, stage.json}``
-and ``RUN_DIR/config.yaml``. A finished stage with the same settings is
-skipped; an interrupted one resumes from ``teacher/checkpoints/last.pt``.
+Writes ``RUN_DIR/teacher/{model.pt, metrics.json, metrics.jsonl, stage.json}``.
+A finished stage with the same settings is skipped; an interrupted one resumes
+from ``teacher/checkpoints/last.pt``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,12 +14,11 @@ from torch import nn
 from models import build_model, get_spec
 from models.errors import ModelError
 from models.weights import load_matching, read_state_dict
-from pipeline.checkpoint import seed_everything
-from pipeline.config import PipelineConfig
-from pipeline.distributed import DistContext
+from pipeline.config import PipelineConfig, with_derived_settings
 from pipeline.errors import BadInputError
-from pipeline.stage import Stage, data_settings, prepare_data, train_stage
-from pipeline.tasks import SupervisedTask
+from pipeline.stages.base import TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_settings, prepare_data, train_stage
+from pipeline.training.checkpoint import seed_everything
+from pipeline.training.tasks import SupervisedTask
 
 
 def pretrained_state(torchvision_name: str) -> dict[str, torch.Tensor]:
@@ -52,13 +50,12 @@ def build_teacher(cfg: PipelineConfig, num_classes: int, image_size: int) -> tup
     except ModelError as exc:
         raise BadInputError(f"teacher weights: {exc}" if "weights" in str(exc) else str(exc)) from None
     arch["weights"] = report
-    if "window_per_stage" in arch:
-        t.window_per_stage = arch["window_per_stage"]  # record the resolved window choice
     return model, arch
 
 
-def run_teacher(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: bool | None = None) -> dict[str, Any]:
+def run_teacher(run: StageRun) -> dict[str, Any]:
     """Run (or skip, or resume) the teacher stage; returns its metrics."""
+    cfg = with_derived_settings(run.cfg)  # the settings hash covers the resolved Swin windows
     seed_everything(cfg.seed)  # the initial weights are part of what a seed fixes
     bundle, train, test, image_size = prepare_data(cfg)
     model, arch = build_teacher(cfg, bundle.num_classes, image_size)
@@ -66,6 +63,10 @@ def run_teacher(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, progress: 
                                               "data": data_settings(cfg), "teacher": cfg.teacher.model_dump()})
     settings_hash = settings.section_hash("seed", "deterministic", "data", "teacher")
     task = SupervisedTask(model, cfg.teacher.train.label_smoothing)
-    return train_stage(Stage(run_dir, "teacher"), cfg, run_dir, ctx, bundle=bundle, train=train, test=test,
+    return train_stage(Stage(run.layout.teacher, "teacher"), cfg, run.ctx, bundle=bundle, train=train, test=test,
                        image_size=image_size, task=task, train_cfg=cfg.teacher.train, settings_hash=settings_hash,
-                       arch=arch, progress=progress)
+                       arch=arch, progress=run.progress)
+
+
+STAGE = StageSpec(name="teacher", folder=lambda layout: layout.teacher, run=run_teacher, outputs=TRAINING_OUTPUTS,
+                  per_rank=True)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporters.sessions import RuntimeOptions, open_session
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -101,7 +103,8 @@ def make_runner(target: Target, variant: Variant, threads: int) -> Runner:
 
     Binding outside the timed call (OpenVINO: a tensor sharing the batch's memory; ONNX Runtime:
     IO binding; torch: a zero-copy view) keeps the per-call conversion of the Python API out of
-    the figures, as OpenVINO's ``benchmark_app`` does.
+    the figures, as OpenVINO's ``benchmark_app`` does. The runtimes' sessions are opened with the
+    latency options of :class:`exporters.sessions.RuntimeOptions`.
     """
     if target.backend == "torch":
         device = torch.device(target.device)
@@ -122,36 +125,10 @@ def make_runner(target: Target, variant: Variant, threads: int) -> Runner:
         return bind_torch
     if variant.onnx is None:
         raise ValueError(f"variant {variant.name} has no ONNX file for {target.label}")
-    if target.backend == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        # idle worker threads must not spin: the interleaved variants' sessions would steal each other's cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(variant.onnx), options, providers=[target.provider])
-        name, output = session.get_inputs()[0].name, session.get_outputs()[0].name
-
-        def bind_ort(batch: np.ndarray) -> Callable[[], Any]:
-            binding = session.io_binding()
-            binding.bind_cpu_input(name, batch)
-            binding.bind_output(output, "cuda" if target.device == "cuda" else "cpu")
-            return lambda: (session.run_with_iobinding(binding), binding.synchronize_outputs())
-
-        return bind_ort
-    import openvino as ov
-
-    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-    if target.provider == "CPU":
-        config["INFERENCE_NUM_THREADS"] = threads
-    compiled = ov.Core().compile_model(str(variant.ir or variant.onnx), target.provider, config)
-    request = compiled.create_infer_request()
-
-    def bind_openvino(batch: np.ndarray) -> Callable[[], Any]:
-        request.set_input_tensor(ov.Tensor(batch, shared_memory=True))
-        return request.infer
-
-    return bind_openvino
+    path = variant.ir if target.backend == "openvino" and variant.ir is not None else variant.onnx
+    options = RuntimeOptions(threads=threads, device=target.device, latency=True,
+                             provider=target.provider if target.backend == "onnxruntime" else None)
+    return open_session(path, target.backend, options).bind
 
 
 def summarize(times_s: Sequence[float], batch: int) -> dict[str, float]:

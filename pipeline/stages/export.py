@@ -1,0 +1,177 @@
+"""The export stage (``pipeline export``): ONNX and OpenVINO IR of the fused student, proven equal to it.
+
+Reads ``RUN_DIR/fused/``; writes ``RUN_DIR/export/``: ``model.onnx``,
+``openvino/model.{xml,bin}`` (exact FP32) and ``openvino/model_fp16.{xml,bin}``,
+``equivalence.json`` and ``manifest.json`` (sha256 of every artifact, the
+input spec and the metadata every artifact carries). The gates compare ONNX
+Runtime (CPU provider) and OpenVINO (CPU, f32 inference precision) with the
+fused PyTorch model on real held-out images at batch sizes 1 and 7; OpenVINO's
+default precision and the FP16 IR are measured and reported, not gated. A
+failed gate exits with code 3 and leaves no artifact behind.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from exporters import metadata as md
+from exporters.equivalence import Comparison, Tolerances, compare_runner, gate, judge
+from exporters.formats import ONNX_FILE, ExportFormat, ExportJob, format_names, get_format, with_requirements
+from pipeline.errors import BadInputError, parse_list
+from pipeline.layout import RunLayout, StageFolder
+from pipeline.stages.base import Stage, StageRun, StageSpec
+from pipeline.stages.loaders import dataset_of, held_out, load_fused
+from pipeline.training.checkpoint import atomic_write_json, file_sha256, settings_digest
+
+log = logging.getLogger(__name__)
+
+GATE_BATCH_SIZES = (1, 7)
+
+
+def _formats() -> tuple[str, ...]:
+    return format_names()
+
+
+@dataclass
+class ExportSettings:
+    formats: tuple[str, ...] = field(default_factory=_formats)
+    opset: int | None = None
+    exporter: str = "dynamo"
+    images: int = 64
+    tolerances: Tolerances = field(default_factory=Tolerances)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"formats": list(self.formats), "opset": self.opset, "exporter": self.exporter, "images": self.images,
+                "tolerances": vars(self.tolerances)}
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    return parse_list(text, format_names(), "export format(s)")
+
+
+# --------------------------------------------------------------------------- gates
+
+def gate_artifacts(model: torch.nn.Module, folder: StageFolder, formats: Sequence[str], images: torch.Tensor,
+                   tol: Tolerances) -> tuple[list[Comparison], list[Comparison]]:
+    """(gated comparisons, reported-only comparisons): every check each requested format declares."""
+    gated, reported = [], []
+    for fmt in (get_format(name) for name in formats):
+        for check in fmt.checks:
+            session = fmt.open(folder / check.file, check.options)
+            results = compare_runner(check.label, model, session.run, images, check.batch_sizes or GATE_BATCH_SIZES)
+            (gated if check.gated else reported).extend(results)
+    for c in gated + reported:
+        judge(c, tol)  # reported ones get the tolerance they would have had; not enforced
+    return gated, reported
+
+
+def log_comparisons(comparisons: Sequence[Comparison], enforced: bool) -> None:
+    for c in comparisons:
+        verdict = ("ok" if c.passed else "FAILED") if enforced else "reported"
+        log.info("export: %-40s max abs diff %.2e (tol %.1e), top-1 agreement %.1f%% -> %s", c.name, c.max_abs_diff,
+                 c.tolerance, c.top1_agreement, verdict)
+
+
+# --------------------------------------------------------------------------- stage
+
+def artifact_list(folder: StageFolder, formats: Sequence[ExportFormat]) -> list[str]:
+    files = [name for fmt in formats for name in fmt.files]
+    extra = [f"{name}.data" for name in files if name.endswith(".onnx") and (folder / f"{name}.data").exists()]
+    return files + extra  # an ONNX model over 2 GB keeps its weights in NAME.onnx.data
+
+
+def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | None = None,
+               verify_only: bool = False) -> dict[str, Any]:
+    """Export (or with ``verify_only`` re-check existing artifacts); raises GateFailedError on a failed gate."""
+    from exporters.onnx import INPUT_NAME, OUTPUT_NAME
+
+    model, info = load_fused(layout)
+    stage = Stage(layout.export, "export")
+    fused_sha = file_sha256(layout.fused.model)
+    meta = md.build(info, input_name=INPUT_NAME, output_name=OUTPUT_NAME, source_sha256=fused_sha,
+                    config_sha256=file_sha256(layout.config) if layout.config.exists() else None)
+    settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
+    to_write = with_requirements(settings.formats)
+    if not verify_only:
+        done = stage.finished(settings_hash)
+        if done is not None:
+            log.info("export: artifacts are up to date with the fused student; skipping")
+            return done
+        stage.marker.unlink(missing_ok=True)
+        job = ExportJob(model, stage.dir, meta, settings.opset, settings.exporter)
+        for fmt in to_write:
+            fmt.write(job)
+    else:
+        missing = [name for name in artifact_list(stage.folder, to_write) if not (stage.folder / name).exists()]
+        if missing:
+            raise BadInputError(f"nothing to verify: {stage.folder / missing[0]} does not exist; run `pipeline export`")
+
+    images = held_out({"dataset": dataset_of(layout, info), "image_size": info["input_size"][-1]},
+                      data_root, settings.images)[0]
+    gated, reported = gate_artifacts(model, stage.folder, settings.formats, images, settings.tolerances)
+    log_comparisons(gated, enforced=True)
+    log_comparisons(reported, enforced=False)
+    passed = all(c.passed for c in gated)
+    report = {"passed": passed, "tolerances": vars(settings.tolerances), "images": len(images),
+              "batch_sizes": list(GATE_BATCH_SIZES), "gated": [c.as_dict() for c in gated],
+              "reported": [c.as_dict() for c in reported]}
+    atomic_write_json(stage.folder.verify_report if verify_only else stage.folder.equivalence, report)
+    files = artifact_list(stage.folder, to_write)
+    if not passed:
+        stage.marker.unlink(missing_ok=True)
+        if not verify_only:  # a model that failed its gate is never left where it could be shipped
+            for path in [stage.folder / name for name in files] + [stage.folder.manifest]:
+                path.unlink(missing_ok=True)
+    gate(gated, "export")
+    if verify_only:
+        log.info("export: the artifacts in %s still match the fused student", stage.dir)
+        return report
+
+    manifest = build_manifest(stage.folder, files, meta, settings)
+    atomic_write_json(stage.folder.manifest, manifest)
+    return stage.mark_complete(settings_hash, files + ["manifest.json", "equivalence.json"],
+                               {"formats": list(settings.formats), "opset": manifest["onnx"]["opset"],
+                                "equivalence_passed": True})
+
+
+def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, Any],
+                   settings: ExportSettings) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import openvino
+
+    proto = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    c, h, w = meta["input_size"]
+    return {
+        "artifacts": [{"path": name, "bytes": (folder / name).stat().st_size,
+                       "sha256": file_sha256(folder / name)} for name in files],
+        "input": {"name": meta["input_name"], "shape": ["batch", c, h, w], "dtype": "float32",
+                  "layout": meta["layout"], "channel_order": meta["channel_order"], "mean": meta["mean"],
+                  "std": meta["std"], "pixel_scale": meta["pixel_scale"], "fit": meta["fit"]},
+        "output": {"name": meta["output_name"], "shape": ["batch", len(meta["classes"])], "meaning": meta["output"]},
+        "classes": meta["classes"],
+        "metadata": meta,
+        "onnx": {"opset": opset, "exporter": settings.exporter, "ir_version": proto.ir_version},
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "openvino": openvino.__version__},
+    }
+
+
+def export_settings(cfg: Any) -> ExportSettings:
+    """The export stage's settings from the config's ``export`` section."""
+    e = cfg.export
+    return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
+                          Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement))
+
+
+def run_export_stage(run: StageRun) -> dict[str, Any]:
+    return run_export(run.layout, export_settings(run.cfg), run.cfg.data.data_root)
+
+
+STAGE = StageSpec(name="export", folder=lambda layout: layout.export, run=run_export_stage,
+                  inputs=lambda layout: [layout.fused.model], outputs=("manifest.json", "equivalence.json"))
