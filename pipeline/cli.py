@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import click
 
+from exporters.formats import format_names
 from pipeline.config import BenchConfig, ExportConfig, FuseConfig
 from pipeline.errors import FAILURES, BadInputError, storage_error
 
@@ -266,6 +267,7 @@ def run(**params: Any) -> None:
     and RUN_DIR/manifest.json records what happened. Exit codes: 2 bad input, 3 equivalence gate,
     4 training diverged, 5 export failed, 6 cannot write (disk full or read-only).
     """
+    from pipeline.layout import RunLayout
     from pipeline.orchestrate import run_pipeline
 
     overrides_models = {"teacher": params.pop("teacher"), "student": params.pop("student")}
@@ -275,7 +277,7 @@ def run(**params: Any) -> None:
     manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],
                             progress=params["progress"])
     if ctx.is_main:
-        log.info("run: complete; report: %s (stages: %s)", run_dir / "report.md",
+        log.info("run: complete; report: %s (stages: %s)", RunLayout(run_dir).report_md,
                  ", ".join(f"{k} {v.get('action')}" for k, v in manifest.get("stages", {}).items()))
 
 
@@ -329,7 +331,7 @@ def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
 
 @main.command()
 @click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False))
-@click.option("--formats", help="comma-separated: onnx, openvino (default: all)")
+@click.option("--formats", help=f"comma-separated: {', '.join(format_names())} (default: all)")
 @click.option("--opset", type=int, help="ONNX opset (default 18 with the dynamo exporter, 17 with torchscript)")
 @click.option("--exporter", type=click.Choice(["dynamo", "torchscript"]),
               help="torch.export-based exporter (default dynamo) or the deprecated TorchScript one")

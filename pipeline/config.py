@@ -141,13 +141,31 @@ class FuseConfig(_Strict):
     min_top1_agreement: float = Field(100.0, ge=0, le=100)
 
 
+def _all_formats() -> list[str]:
+    from exporters.formats import format_names
+
+    return list(format_names())
+
+
 class ExportConfig(_Strict):
-    formats: list[Literal["onnx", "openvino"]] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    formats: list[str] = Field(default_factory=_all_formats, min_length=1,
+                               description="export formats (exporters.formats); default: every registered one")
     opset: Optional[int] = Field(None, ge=7, description="default: 18 (dynamo exporter), 17 (torchscript)")
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     images: int = Field(64, ge=1, description="held-out images compared")
     fp32_tol: float = Field(1e-4, ge=0, description="times max(1, max |logit|)")
     min_top1_agreement: float = Field(100.0, ge=0, le=100)
+
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from exporters.formats import format_names
+
+        unknown = [name for name in value if name not in format_names()]
+        if unknown:
+            raise ValueError(f"unknown export format(s) {', '.join(unknown)}; valid: {', '.join(format_names())}")
+        return list(dict.fromkeys(value))
 
 
 class BenchConfig(_Strict):

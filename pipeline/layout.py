@@ -117,6 +117,10 @@ class RunLayout:
     def report_json(self) -> Path:
         return self.root / "report.json"
 
+    def folder(self, name: str) -> StageFolder:
+        """``RUN_DIR/NAME/``: the folder of a stage that needs no name of its own here."""
+        return StageFolder(self.root / name)
+
     @property
     def teacher(self) -> StageFolder:
         return StageFolder(self.root / "teacher")

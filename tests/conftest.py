@@ -4,9 +4,11 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,20 @@ def tree_digest(folder: Path) -> dict[str, str]:
     """sha256 of every file under a folder (to prove nothing was touched)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def kill_when_written(args: list[str], path: Path, cwd: Path = ROOT, timeout: float = 300) -> None:
+    """Run the CLI (``args`` after ``python -m pipeline``) and SIGKILL it, with its children, as soon as ``path``
+    exists: a crash at the worst moment, right after a checkpoint."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not path.exists():
+        detail = proc.stderr.read().decode() if proc.poll() is not None else f"not written in {timeout:.0f} s"
+        proc.kill()
+        raise AssertionError(f"{path} was never written before the kill: {detail}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the command finished before it could be killed"

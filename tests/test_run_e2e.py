@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import ROOT, run_cli, tree_digest
+from tests.conftest import kill_when_written, run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
 STAGES = ["teacher", "distill", "baseline", "fuse", "export", "bench", "report"]
@@ -109,20 +106,12 @@ def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root,
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(finished_run / "teacher", run / "teacher")  # the teacher stage is done
-    args = [sys.executable, "-m", "pipeline", "run", "--profile", "tiny", "--run-dir", str(run), "--data-root",
-            str(fashion_root), "--no-progress", "--student-epochs", "4", "--no-baseline"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    checkpoint = run / "student" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no checkpoint in 300 s"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = ["run", "--profile", "tiny", "--run-dir", str(run), "--data-root", str(fashion_root), "--no-progress",
+            "--student-epochs", "4", "--no-baseline"]
+    kill_when_written(args, run / "student" / "checkpoints" / "last.pt")
     assert not (run / "student" / "stage.json").exists()  # killed before the distillation finished
 
-    result = run_cli("run", *args[4:])
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stages"]["teacher"]["action"] == "skipped"

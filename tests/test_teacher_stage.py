@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torchvision
 import yaml
 
 from models import build_model
-from tests.conftest import ROOT, TINY, run_cli, train_tiny_teacher, tree_digest
+from tests.conftest import ROOT, TINY, kill_when_written, run_cli, train_tiny_teacher, tree_digest
 
 
 
@@ -68,14 +66,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, stripes_root):
     subprocess.run(_teacher_cmd(reference, stripes_root), check=True, capture_output=True, cwd=ROOT, timeout=600)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_teacher_cmd(killed, stripes_root), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    checkpoint = killed / "teacher" / "checkpoints" / "last.pt"
-    deadline = time.time() + 300
-    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_when_written(_teacher_cmd(killed, stripes_root)[3:], killed / "teacher" / "checkpoints" / "last.pt")
     assert not (killed / "teacher" / "model.pt").exists()
 
     resumed = subprocess.run(_teacher_cmd(killed, stripes_root), capture_output=True, text=True, cwd=ROOT,

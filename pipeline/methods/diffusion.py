@@ -1,4 +1,4 @@
-"""The diffusion quantities of KDiffusion (docs/kdiffusion.md section 4), as pure functions.
+"""The diffusion quantities of KDiffusion (docs/kdiffusion.md section 2), as pure functions.
 
 A DDPM noise schedule over ``N`` steps, the ``m`` reverse steps
 ``tau_k = N - k N / m`` and, for each step, the posterior coefficients

@@ -15,16 +15,18 @@ import torch
 from models import ModelError, build_model, get_spec
 from models.reparam import build_multibranch_student
 from pipeline.errors import BadInputError
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, StageFolder
 from pipeline.training.checkpoint import load_checkpoint, load_weights_into, read_json
 from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
 
 
 def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a finished teacher from its ``model.pt`` and the ``metrics.json`` beside it."""
-    meta = read_json(path.parent / "metrics.json")
+    """Rebuild a finished teacher from its ``model.pt`` (any path, e.g. ``--teacher-ckpt``) and the
+    ``metrics.json`` of the stage folder beside it."""
+    metrics = StageFolder(path.parent).metrics
+    meta = read_json(metrics)
     if not isinstance(meta, dict) or "arch" not in meta:
-        raise BadInputError(f"no teacher metadata at {path.parent / 'metrics.json'}; train it with "
+        raise BadInputError(f"no teacher metadata at {metrics}; train it with "
                             "`pipeline teacher` or give --teacher-ckpt DIR/teacher/model.pt")
     arch = meta["arch"]
     if arch["num_classes"] != bundle.num_classes:

@@ -1,0 +1,76 @@
+"""Run directories written by the flat pre-refactor layout keep working: finished stages are skipped, an
+interrupted one resumes.
+
+The old code is the commit before the house refactor, extracted from this
+repository's own history (``git archive``) and run as a user ran it.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, kill_when_written, run_cli, tree_digest
+
+# The last commit with the flat layout (pipeline/stage.py, pipeline/teacher.py, ..., pipeline/latency.py).
+OLD_LAYOUT_COMMIT = "edeb4e5"
+STAGES = ["teacher", "distill", "baseline", "fuse", "export", "bench", "report"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def old_checkout(tmp_path_factory) -> Path:
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{OLD_LAYOUT_COMMIT}^{{commit}}"],
+                           capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"commit {OLD_LAYOUT_COMMIT} is not in this clone (a shallow clone has no history)")
+    dest = tmp_path_factory.mktemp("old-layout")
+    archive = dest / "old.tar"
+    subprocess.run(["git", "-C", str(ROOT), "archive", "-o", str(archive), OLD_LAYOUT_COMMIT], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    assert (dest / "pipeline" / "stage.py").is_file() and not (dest / "pipeline" / "stages").exists()
+    return dest
+
+
+def _args(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
+    # the README's form (models named on the command line), the tiny profile, the stripes data
+    return ["run", "--profile", "tiny", "--teacher", "swin", "--student", "shufflenetv2", "--data-root",
+            str(data_root), "--run-dir", str(run_dir), "--no-progress", *extra]
+
+
+def _actions(run_dir: Path) -> dict[str, str]:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return {name: stage.get("action") for name, stage in manifest["stages"].items()}
+
+
+def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root, tmp_path):
+    run = tmp_path / "run"
+    old = run_cli(*_args(run, stripes_root), cwd=old_checkout)
+    assert old.returncode == 0, old.stderr
+    assert _actions(run) == {name: "ran" for name in STAGES}
+    before = {k: v for k, v in tree_digest(run).items() if k.split("/")[0] in STAGES[:-1] or k == "config.yaml"}
+
+    new = run_cli(*_args(run, stripes_root))
+    assert new.returncode == 0, new.stderr
+    assert _actions(run) == {name: "skipped" for name in STAGES}
+    after = tree_digest(run)
+    assert {k: after[k] for k in before} == before  # nothing rewritten, config.yaml included
+
+
+def test_an_interrupted_old_run_resumes(old_checkout, stripes_root, tmp_path):
+    run = tmp_path / "run"
+    args = _args(run, stripes_root, "--teacher-epochs", "2", "--student-epochs", "1")
+    kill_when_written(args, run / "teacher" / "checkpoints" / "last.pt", cwd=old_checkout)
+
+    new = run_cli(*args)
+    assert new.returncode == 0, new.stderr
+    assert "resuming teacher from epoch" in new.stderr
+    actions = _actions(run)
+    assert actions["teacher"] == "resumed" and all(actions[n] == "ran" for n in STAGES[1:]), actions
+    epochs = [json.loads(line)["epoch"] for line in (run / "teacher" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
