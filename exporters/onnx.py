@@ -51,8 +51,13 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, int], 
         try:
             _run_exporter(model, example, raw, opset, exporter)
             proto = onnx.load(str(raw), load_external_data=True)
+        except OSError as exc:
+            if exc.errno is None:  # not about the disk: a failed export like any other
+                raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {exc}") from exc
+            raise  # disk full, file too large, read-only: the caller reports a storage failure
         except Exception as exc:  # the exporters raise many types; all mean "could not export"
             raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {str(exc).splitlines()[0]}") from exc
+        strip_exporter_metadata(proto)
         for key, value in md.encode(meta).items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -99,3 +104,29 @@ def _run_exporter(model: nn.Module, example: torch.Tensor, path: Path, opset: in
         else:
             torch.onnx.export(model, (example,), str(path), dynamo=False, do_constant_folding=True,
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
+
+
+def strip_exporter_metadata(proto: onnx.ModelProto) -> None:
+    """Remove what the exporter records about the build: stack traces with the build machine's paths, FX node
+    names, module hierarchies, rewrite rules (node, graph and value metadata, node doc strings). The shipped file
+    carries the model and the ``kdiff.*`` metadata only."""
+
+    def graphs(graph: onnx.GraphProto):
+        yield graph
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g.ByteSize():
+                    yield from graphs(attr.g)
+                for sub in attr.graphs:
+                    yield from graphs(sub)
+
+    nodes = [n for g in graphs(proto.graph) for n in g.node] + [n for f in proto.functions for n in f.node]
+    for node in nodes:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for graph in graphs(proto.graph):
+        del graph.metadata_props[:]
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            del value.metadata_props[:]
+    for function in proto.functions:
+        del function.metadata_props[:]

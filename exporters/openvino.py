@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -33,9 +34,10 @@ def save_ir(model: ov.Model, xml_path: Path, compress_to_fp16: bool) -> Path:
     """Write ``.xml`` + ``.bin`` next to each other, each moved into place only once complete."""
     xml_path = Path(xml_path)
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
-    ov.save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
-    os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
-    os.replace(tmp_xml, xml_path)
+    with tempfile.TemporaryDirectory(dir=xml_path.parent, prefix=f".{xml_path.stem}.", suffix=".tmp") as tmp:
+        tmp_xml = Path(tmp) / xml_path.name
+        ov.save_model(model, str(tmp_xml), compress_to_fp16=compress_to_fp16)
+        os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+        os.replace(tmp_xml, xml_path)
     log.info("export: OpenVINO IR (%s) -> %s", "FP16-compressed" if compress_to_fp16 else "exact FP32", xml_path)
     return xml_path

@@ -36,11 +36,15 @@ class Prediction:
 class Classifier:
     """An ONNX (onnxruntime) or OpenVINO IR model with the preprocessing its metadata describes."""
 
-    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu",
+                 precision: str | None = "f32"):
+        """``precision``: OpenVINO's inference precision; f32 is what the export gates verified (None: the
+        device's default, e.g. bf16 on CPUs with AMX, which shifts probabilities)."""
         self.path = Path(model_path)
         if not self.path.is_file():
             raise InputError(f"model file {self.path} does not exist")
-        self._session = open_artifact(self.path, RuntimeOptions(threads=threads, device=device.lower(), latency=True))
+        options = RuntimeOptions(threads=threads, device=device.lower(), latency=True, precision=precision)
+        self._session = open_artifact(self.path, options)
         self.meta = self._session.metadata
         missing = md.missing_keys(self.meta)
         if missing:
@@ -106,13 +110,26 @@ class Classifier:
         """Raw model outputs for an already preprocessed N x C x H x W batch."""
         return self._session.run(self.check_input(batch))
 
-    def classify(self, images: Sequence[str | Path], top_k: int = 1, batch_size: int = 32) -> list[Prediction]:
+    def classify(self, images: Sequence[str | Path], top_k: int = 1, batch_size: int = 32,
+                 failures: list[tuple[str, str]] | None = None) -> list[Prediction]:
+        """Predictions for the image files, in order. With a ``failures`` list, an image that cannot be read is
+        recorded there as (file, reason) and the others are still classified; without one it raises."""
         top_k = max(1, min(top_k, len(self.classes)))
         predictions = []
         for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
-            logits = self.logits(self.normalize(np.stack([self.load_image(p) for p in chunk])))
-            probs = _softmax(logits)
+            chunk, pixels = [], []
+            for source in images[start:start + batch_size]:
+                try:
+                    pixels.append(self.load_image(source))
+                except InputError as exc:
+                    if failures is None:
+                        raise
+                    failures.append((str(source), str(exc)))
+                    continue
+                chunk.append(source)
+            if not chunk:
+                continue
+            probs = _softmax(self.logits(self.normalize(np.stack(pixels))))
             for source, row in zip(chunk, probs):
                 order = np.argsort(-row)[:top_k]
                 top = [(self.classes[i], float(row[i])) for i in order]

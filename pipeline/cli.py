@@ -1,6 +1,7 @@
 """The ``pipeline`` command line: one subcommand per stage, plus ``run`` to chain them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -146,20 +147,61 @@ def handle_errors(func: Callable) -> Callable:
             click.echo(f"error: {one_line(exc)}", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
-            storage = storage_error(exc)
-            if storage is None or debug:
+            failure = storage_error(exc) or path_error(exc)
+            if failure is None or debug:
                 raise
-            click.echo(f"error: {one_line(storage)}", err=True)
-            sys.exit(storage.exit_code)
+            click.echo(f"error: {one_line(failure)}", err=True)
+            sys.exit(failure.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
         finally:
-            from pipeline.training.distributed import shutdown_distributed
+            if "torch.distributed" in sys.modules:  # predict and verify never load torch: keep it that way
+                from pipeline.training.distributed import shutdown_distributed
 
-            shutdown_distributed()
+                shutdown_distributed()
 
     return wrapper
+
+
+def path_error(exc: OSError) -> BadInputError | None:
+    """A path that cannot be a folder (a file stands where a folder of it should be) is bad input."""
+    import errno
+
+    if exc.errno not in (errno.ENOTDIR, errno.EEXIST):
+        return None
+    return BadInputError(f"cannot use {exc.filename or 'the path'} as a folder: a file of that name (or of one of "
+                         "its parents) is in the way; choose another path")
+
+
+@contextlib.contextmanager
+def no_trace_on_bad_input(run_dir: str | Path):
+    """A command that fails on bad input leaves no trace: a run directory it created is removed again, unless a
+    stage finished or checkpointed in it (work is never thrown away)."""
+    path = Path(run_dir)
+    fresh = not path.exists()
+    try:
+        yield
+    except BadInputError:
+        kept = ("stage.json", "last.pt")
+        if fresh and path.is_dir() and not any(p.name in kept for p in path.rglob("*")):
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def writing(run_dir: str | Path, is_main: bool = True):
+    """The block writes ``run_dir``: one command at a time (the main process holds its lock), and no trace of a
+    fresh run directory when it fails on bad input."""
+    from pipeline.layout import RunLayout
+    from pipeline.runlock import hold_run_dir
+
+    layout = RunLayout(run_dir)
+    with no_trace_on_bad_input(layout.root):
+        with hold_run_dir(layout) if is_main else contextlib.nullcontext():
+            yield layout
 
 
 def one_line(exc: BaseException) -> str:
@@ -235,13 +277,12 @@ def teacher(**params: Any) -> None:
 
 def _run_stage(run_function: Callable, cfg: Any, params: dict[str, Any]) -> Any:
     """One training stage on its own; RUN_DIR/config.yaml records its settings once it has finished."""
-    from pipeline.layout import RunLayout
     from pipeline.orchestrate import write_config
     from pipeline.stages import StageRun
 
     ctx = _context(params["device"])
-    layout = RunLayout(params["run_dir"])
-    result = run_function(StageRun(cfg, layout, ctx, params["progress"]))
+    with writing(params["run_dir"], ctx.is_main) as layout:
+        result = run_function(StageRun(cfg, layout, ctx, params["progress"]))
     if ctx.is_main:
         write_config(layout, cfg)
     return result
@@ -274,8 +315,9 @@ def run(**params: Any) -> None:
     cfg = _config(params, *RUN_GROUPS, models=overrides_models, profile=params["profile"],
                   extra={"baseline": params["baseline"]})
     run_dir, ctx = Path(params["run_dir"]), _context(params["device"])
-    manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],
-                            progress=params["progress"])
+    with writing(run_dir, ctx.is_main):
+        manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],
+                                progress=params["progress"])
     if ctx.is_main:
         log.info("run: complete; report: %s (stages: %s)", RunLayout(run_dir).report_md,
                  ", ".join(f"{k} {v.get('action')}" for k, v in manifest.get("stages", {}).items()))
@@ -322,11 +364,11 @@ def _default(model: type, name: str) -> str:
 def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
     """Fold the student's branches into the stock network, gated on numerical equivalence; writes RUN_DIR/fused/."""
     from exporters.equivalence import Tolerances
-    from pipeline.layout import RunLayout
     from pipeline.stages.fuse import run_fuse
 
     f = _section(FuseConfig, params, "images", "fp64_tol", "fp32_tol", "min_top1_agreement")
-    run_fuse(RunLayout(run_dir), Tolerances(f.fp64_tol, f.fp32_tol, f.min_top1_agreement), data_root, f.images)
+    with writing(run_dir) as layout:
+        run_fuse(layout, Tolerances(f.fp64_tol, f.fp32_tol, f.min_top1_agreement), data_root, f.images)
 
 
 @main.command()
@@ -345,14 +387,14 @@ def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
 def export(run_dir: str, formats: str | None, data_root: str | None, verify: bool, **params: Any) -> None:
     """Export the fused student to ONNX and OpenVINO IR, gated on equivalence; writes RUN_DIR/export/."""
     from pipeline.config import PipelineConfig
-    from pipeline.layout import RunLayout
     from pipeline.stages.export import export_settings, parse_formats, run_export
 
     if formats is not None:
         params["formats"] = list(parse_formats(formats))
     section = _section(ExportConfig, params, "formats", "opset", "exporter", "images", "fp32_tol",
                        "min_top1_agreement")
-    run_export(RunLayout(run_dir), export_settings(PipelineConfig(export=section)), data_root, verify_only=verify)
+    with writing(run_dir) as layout:
+        run_export(layout, export_settings(PipelineConfig(export=section)), data_root, verify_only=verify)
 
 
 @main.command()
@@ -372,7 +414,6 @@ def bench(run_dir: str, **params: Any) -> None:
     from exporters.latency import BACKENDS
     from pipeline.config import PipelineConfig
     from pipeline.errors import parse_list
-    from pipeline.layout import RunLayout
     from pipeline.stages.bench import bench_budget, format_table, parse_batch_sizes, parse_devices, run_bench
     from pipeline.training.checkpoint import read_json
 
@@ -385,27 +426,31 @@ def bench(run_dir: str, **params: Any) -> None:
         params["batch_sizes"] = list(parse_batch_sizes(params["batch_sizes"]))
     b = _section(BenchConfig, params, "backends", "device", "batch_sizes", "threads", "warmup", "iterations",
                  "duration")
-    layout = RunLayout(run_dir)
-    run_bench(layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
-              bench_budget(PipelineConfig(bench=b)))
+    with writing(run_dir) as layout:
+        run_bench(layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
+                  bench_budget(PipelineConfig(bench=b)))
     click.echo(format_table(read_json(layout.bench.latency)))
 
 
 @main.command()
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False),
               help="exported model: RUN_DIR/export/model.onnx or an OpenVINO .xml")
-@click.option("--top-k", default=1, show_default=True, help="classes shown per image")
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="classes shown per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
-@click.option("--threads", type=int, help="inference threads")
+@click.option("--threads", type=click.IntRange(min=1), help="inference threads")
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @handle_errors
 def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, images: tuple[str, ...]) -> None:
-    """Classify image files with an exported model, preprocessed as its metadata says."""
+    """Classify image files with an exported model, preprocessed as its metadata says.
+
+    An image that cannot be read is reported on stderr and the others are still classified; the exit code is
+    then 2."""
     import json
 
     from exporters.runtime import Classifier
 
-    predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k)
+    failures: list[tuple[str, str]] = []
+    predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k, failures=failures)
     for p in predictions:
         if as_json:
             click.echo(json.dumps({"image": p.source, "label": p.label, "index": p.index,
@@ -413,6 +458,38 @@ def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, ima
         else:
             others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
             click.echo(f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else ""))
+    for source, reason in failures:
+        click.echo(f"error: {reason}", err=True)
+    if failures:
+        raise BadInputError(f"{len(failures)} of {len(images)} images could not be classified (listed above)")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="the checks as one JSON object")
+@handle_errors
+def verify(path: str, as_json: bool) -> None:
+    """Check an export folder on its own (e.g. after copying it to a device): every artifact's sha256 against
+    manifest.json, the metadata each model carries, and one inference per model. PATH is the export folder or
+    a run directory. Needs no torch. Exit codes: 2 missing or unreadable files, 3 a file that differs."""
+    import json
+
+    from exporters.verify import MANIFEST, verify_export
+
+    folder = Path(path)
+    if not (folder / MANIFEST).exists() and (folder / "export" / MANIFEST).exists():
+        from pipeline.layout import RunLayout
+
+        folder = RunLayout(folder).export.path
+    report = verify_export(folder)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for row in report["artifacts"]:
+        click.echo(f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes")
+    for row in report["models"]:
+        click.echo(f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits")
+    click.echo(f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)")
 
 
 @main.command()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import BadInputError
 
@@ -118,6 +118,14 @@ class StudentConfig(_Strict):
             return get_method(value).name
         except Exception as exc:
             raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _valid_method_options(self) -> "StudentConfig":
+        """Every method option is checked with the settings, before any stage runs (not after the teacher)."""
+        from pipeline.methods import create_method
+
+        create_method(self.method, self.method_options, self.train.label_smoothing)
+        return self
 
     @field_validator("model")
     @classmethod
@@ -241,13 +249,15 @@ def profile_names() -> list[str]:
 
 
 def read_profile(name: str) -> dict[str, Any]:
-    """A named set of settings shipped with the package (``pipeline/profiles/NAME.yaml``)."""
-    path = PROFILES_DIR / f"{name}.yaml"
-    if not path.is_file():
-        from pipeline.errors import unknown_name
+    """A named set of settings shipped with the package (``pipeline/profiles/NAME.yaml``), or a YAML file given
+    by its path (ending in .yaml or .yml). A name never reaches outside the profiles folder."""
+    if name in profile_names():
+        return read_config_file(PROFILES_DIR / f"{name}.yaml")
+    if Path(name).suffix in (".yaml", ".yml"):
+        return read_config_file(name)
+    from pipeline.errors import unknown_name
 
-        raise unknown_name("profile", name, profile_names())
-    return read_config_file(path)
+    raise unknown_name("profile", name, [*profile_names(), "PATH.yaml"])
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

@@ -5,6 +5,7 @@
     RUN_DIR/config.yaml          the resolved settings of the run (written once per invocation)
     RUN_DIR/manifest.json        what each stage did, with hashes of its inputs and outputs
     RUN_DIR/report.md|json       the report
+    RUN_DIR/.lock                held by the command that writes the run directory
     RUN_DIR/teacher/             teacher stage          (StageFolder)
     RUN_DIR/student/             distill stage: the multi-branch student
     RUN_DIR/baseline/student/    baseline stage: the same student trained alone (a nested run layout)
@@ -108,6 +109,11 @@ class RunLayout:
     @property
     def manifest(self) -> Path:
         return self.root / "manifest.json"
+
+    @property
+    def lock(self) -> Path:
+        """``.lock``: held by the command writing the run directory (pid, host and start inside)."""
+        return self.root / ".lock"
 
     @property
     def report_md(self) -> Path:

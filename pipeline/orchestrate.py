@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, config_to_yaml
 from pipeline.errors import FAILURES, BadInputError, unknown_name
-from pipeline.layout import RunLayout
+from pipeline.layout import RunLayout, StageFolder
 from pipeline.stages import STAGES, StageRun, StageSpec, stage_names
 from pipeline.training.checkpoint import atomic_write_json, atomic_write_text, file_sha256, read_json
 from pipeline.training.distributed import DistContext
@@ -63,6 +63,17 @@ def force_from(layout: RunLayout, stage: str) -> None:
     log.info("run: --force %s: rerunning %s", stage, ", ".join(names[names.index(stage):]))
 
 
+def remove_leftovers(folder: StageFolder) -> None:
+    """Temporary files of a killed command (``.NAME.*.tmp`` and ``.onnx-*`` export folders) in a stage's folder;
+    safe because this command holds the run directory."""
+    if not folder.path.is_dir():
+        return
+    for path in folder.path.rglob(".*"):
+        if path.name.endswith(".tmp") or path.name.startswith(".onnx-"):
+            log.info("run: removing %s, left by an interrupted command", path)
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 class Manifest:
     """``RUN_DIR/manifest.json``, rewritten atomically after every stage."""
 
@@ -77,6 +88,9 @@ class Manifest:
             "exit_codes": EXIT_CODES,
             "stages": old.get("stages", {}),
         }
+        for entry in self.data["stages"].values():
+            if entry.get("status") == "running":  # its command died (this one holds the run directory's lock)
+                entry["status"] = "interrupted"
 
     def _hashes(self, files: list[Path]) -> dict[str, str | None]:
         return {self.layout.relative(f): file_sha256(f) if f.is_file() else None for f in files}
@@ -116,6 +130,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
         if not spec.enabled(cfg) or (not spec.per_rank and not ctx.is_main):
             continue
         folder = spec.folder(layout)
+        if ctx.is_main:
+            remove_leftovers(folder)
         before = read_json(folder.marker)
         resumed = before is None and folder.last_checkpoint.exists()
         if manifest:

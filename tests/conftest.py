@@ -65,6 +65,17 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, fashion_root) -> Path:
+    """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
+    every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
+    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
+    result = run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(fashion_root),
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
 # Small, fast settings for CLI runs on the stripes data.
 TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
@@ -78,9 +89,10 @@ def train_tiny_teacher(run_dir: Path, data_root: Path, teacher: str) -> Path:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under a folder (to prove nothing was touched)."""
+    """sha256 of every file under a folder (to prove nothing was touched), but the run lock (``.lock`` names the
+    last command that held the directory)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def kill_when_written(args: list[str], path: Path, cwd: Path = ROOT, timeout: float = 300) -> None:
@@ -98,3 +110,13 @@ def kill_when_written(args: list[str], path: Path, cwd: Path = ROOT, timeout: fl
         raise AssertionError(f"{path} was never written before the kill: {detail}")
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the command finished before it could be killed"
+
+
+def clone_run(source: Path, dest: Path) -> Path:
+    """A copy of a run directory whose files are hard links to the original's: instant and no extra disk (a Swin
+    run holds ~0.6 GB of checkpoints). The pipeline replaces files (write, then rename) and never writes into
+    one, so the original stays as it was; a test that edits a file in place unlinks it first."""
+    import shutil
+
+    shutil.copytree(source, dest, copy_function=os.link)
+    return dest

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY, run_cli, train_tiny_teacher, tree_digest
+from tests.conftest import TINY, clone_run, run_cli, train_tiny_teacher, tree_digest
 
 
 
@@ -26,7 +25,7 @@ def with_teacher(tmp_path_factory, stripes_root) -> Path:
 ])
 def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with_teacher, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(with_teacher, run_dir)
+    clone_run(with_teacher, run_dir)
     teacher_before = tree_digest(run_dir / "teacher")
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", method, *options, "--data-root",
                      str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir), *TINY)

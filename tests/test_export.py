@@ -23,9 +23,8 @@ from exporters.runtime import Classifier, InputError
 from models import model_names
 from models.reparam import build_multibranch_student, fuse_model
 from pipeline.training.checkpoint import file_sha256
-from exporters.equivalence import Tolerances, judge, randomize_bn_statistics
-from exporters.equivalence import compare_runner
-from tests.conftest import TINY, run_cli
+from exporters.equivalence import Tolerances, compare_runner, judge, randomize_bn_statistics
+from tests.conftest import clone_run, run_cli
 
 META = {"architecture": "test-arch", "zoo_name": "test", "classes": [f"class {i}" for i in range(10)],
         "input_size": [3, 32, 32], "channel_order": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -74,16 +73,9 @@ def test_unknown_exporter_and_low_opset_are_refused(tmp_path):
 # --------------------------------------------------------------------------- the stage, through the CLI
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, fashion_root) -> Path:
-    """A run directory with a student trained briefly on real Fashion-MNIST, fused and exported."""
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--data-root",
-                     str(fashion_root), "--epochs", "1", "--run-dir", str(run_dir), *TINY)
-    assert result.returncode == 0, result.stderr
-    for stage in (["fuse", "--images", "32"], ["export", "--images", "35"]):
-        result = run_cli(*stage, "--run-dir", str(run_dir), "--data-root", str(fashion_root))
-        assert result.returncode == 0, result.stderr
-    return run_dir
+def exported(tiny_run) -> Path:
+    """A run directory whose student was trained briefly on real Fashion-MNIST, fused and exported (shared)."""
+    return tiny_run
 
 
 def test_export_stage_writes_gated_self_describing_artifacts(exported):
@@ -98,7 +90,7 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     assert manifest["classes"][0] == "T-shirt/top"
 
     report = json.loads((export_dir / "equivalence.json").read_text())
-    assert report["passed"] and report["images"] == 35
+    assert report["passed"] and report["images"] == 16  # the tiny profile's export.images
     gated = {c["name"] for c in report["gated"]}
     assert gated == {f"{r}, batch {b}" for r in ("onnxruntime CPU", "openvino CPU f32") for b in (1, 7)}
     assert all(c["passed"] and c["top1_agreement"] == 100.0 for c in report["gated"])
@@ -108,12 +100,12 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     meta = read_metadata(export_dir / "model.onnx")
     assert meta == read_metadata(export_dir / "openvino" / "model.xml") == manifest["metadata"]
     assert meta["source_sha256"] == file_sha256(exported / "fused" / "model.pt")
-    assert meta["architecture"] == "shufflenet_v2_x0_5" and meta["classes"] == manifest["classes"]
+    assert meta["architecture"] == "shufflenet_v2_x1_0" and meta["classes"] == manifest["classes"]
 
 
 def test_export_rerun_skips_when_nothing_changed(exported, fashion_root):
     before = file_sha256(exported / "export" / "model.onnx")
-    result = run_cli("export", "--run-dir", str(exported), "--data-root", str(fashion_root), "--images", "35")
+    result = run_cli("export", "--run-dir", str(exported), "--data-root", str(fashion_root), "--images", "16")
     assert result.returncode == 0, result.stderr
     assert "up to date" in result.stderr and file_sha256(exported / "export" / "model.onnx") == before
 
@@ -125,15 +117,25 @@ def _perturb_classifier(path: Path) -> None:
     weights = onnx.numpy_helper.to_array(init).copy()
     weights[0 if weights.shape[0] == 10 else slice(None), 0 if weights.shape[0] != 10 else slice(None)] += 0.01
     init.CopyFrom(onnx.numpy_helper.from_array(weights, init.name))
+    path.unlink()  # may be a hard link to a fixture's file: replace it, never edit it
     onnx.save(proto, str(path))
 
 
 def test_a_perturbed_weight_in_the_exported_file_fails_the_gate(exported, fashion_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(exported, run_dir)
+    clone_run(exported, run_dir)
     _perturb_classifier(run_dir / "export" / "model.onnx")
+    # an export that went wrong (not a file corrupted later): its manifest lists the wrong file's sha256
+    manifest_path = run_dir / "export" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["artifacts"]:
+        if entry["path"] == "model.onnx":
+            entry.update(sha256=file_sha256(run_dir / "export" / "model.onnx"),
+                         bytes=(run_dir / "export" / "model.onnx").stat().st_size)
+    manifest_path.unlink()
+    manifest_path.write_text(json.dumps(manifest))
     result = run_cli("export", "--verify", "--formats", "onnx", "--run-dir", str(run_dir), "--data-root",
-                     str(fashion_root), "--images", "35")
+                     str(fashion_root), "--images", "16")
     assert result.returncode == 3, result.stderr
     assert "error: export equivalence gate failed: onnxruntime CPU, batch 1" in result.stderr
     assert json.loads((run_dir / "export" / "verify.json").read_text())["passed"] is False
@@ -216,7 +218,7 @@ def test_export_bad_input(exported, tmp_path):
 
 def test_bench_measures_cpu_targets_and_explains_missing_gpu_ones(exported, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(exported, run_dir)
+    clone_run(exported, run_dir)
     result = run_cli("bench", "--run-dir", str(run_dir), "--bench-device", "all", "--batch-sizes", "1,3",
                      "--iterations", "4", "--warmup", "1", "--threads", "1")
     assert result.returncode == 0, result.stderr

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import TINY, run_cli, tree_digest
+from tests.conftest import TINY, clone_run, run_cli, tree_digest
 
 
 
@@ -32,7 +31,7 @@ def test_distill_none_saves_the_student_only(distilled):
 
 def test_fuse_passes_and_writes_a_stock_model(distilled, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(distilled, run_dir)
+    clone_run(distilled, run_dir)
     student_before = tree_digest(run_dir / "student")
     result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "64")
     assert result.returncode == 0, result.stderr
@@ -50,7 +49,7 @@ def test_fuse_passes_and_writes_a_stock_model(distilled, stripes_root, tmp_path)
 
 def test_failed_gate_exits_nonzero_and_keeps_student(distilled, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(distilled, run_dir)
+    clone_run(distilled, run_dir)
     student_before = tree_digest(run_dir / "student")
     result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32",
                      "--fp64-tol", "0", "--fp32-tol", "0")

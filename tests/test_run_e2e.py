@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -13,23 +12,20 @@ import pytest
 import torch
 
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import kill_when_written, run_cli, tree_digest
+from tests.conftest import clone_run, kill_when_written, run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
 STAGES = ["teacher", "distill", "baseline", "fuse", "export", "bench", "report"]
 
 
-def tiny_run(run_dir: Path, data_root: Path, *extra: str):
+def run_tiny(run_dir: Path, data_root: Path, *extra: str):
     return run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(data_root),
                    "--no-progress", *extra)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, fashion_root) -> Path:
-    run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    result = tiny_run(run_dir, fashion_root)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+def finished_run(tiny_run) -> Path:
+    return tiny_run
 
 
 def test_the_whole_chain_writes_every_artifact_and_passes_every_gate(finished_run):
@@ -78,9 +74,9 @@ def test_exported_onnx_predicts_what_the_fused_pytorch_student_predicts(finished
 
 def test_rerun_skips_every_stage(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    clone_run(finished_run, run)
     before = tree_digest(run / "teacher") | tree_digest(run / "export")
-    result = tiny_run(run, fashion_root)
+    result = run_tiny(run, fashion_root)
     assert result.returncode == 0, result.stderr
     manifest = json.loads((run / "manifest.json").read_text())
     assert {name: s["action"] for name, s in manifest["stages"].items()} == {name: "skipped" for name in STAGES}
@@ -89,14 +85,14 @@ def test_rerun_skips_every_stage(finished_run, fashion_root, tmp_path):
 
 def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    result = tiny_run(run, fashion_root, "--student-lr", "0.002")
+    clone_run(finished_run, run)
+    result = run_tiny(run, fashion_root, "--student-lr", "0.002")
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     assert actions["teacher"] == "skipped"
     assert all(actions[n] == "ran" for n in ("distill", "baseline", "fuse", "export", "bench", "report")), actions
 
-    result = tiny_run(run, fashion_root, "--student-lr", "0.002", "--force", "bench")
+    result = run_tiny(run, fashion_root, "--student-lr", "0.002", "--force", "bench")
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     assert [n for n in STAGES if actions[n] == "ran"] == ["bench", "report"], actions
@@ -105,7 +101,7 @@ def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_r
 def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copytree(finished_run / "teacher", run / "teacher")  # the teacher stage is done
+    clone_run(finished_run / "teacher", run / "teacher")  # the teacher stage is done
     args = ["run", "--profile", "tiny", "--run-dir", str(run), "--data-root", str(fashion_root), "--no-progress",
             "--student-epochs", "4", "--no-baseline"]
     kill_when_written(args, run / "student" / "checkpoints" / "last.pt")
@@ -122,13 +118,13 @@ def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root,
 
 
 def test_bad_input_through_run(finished_run, fashion_root, tmp_path):
-    result = tiny_run(tmp_path / "a", fashion_root, "--teacher", "vgg99")
+    result = run_tiny(tmp_path / "a", fashion_root, "--teacher", "vgg99")
     assert result.returncode == 2 and "unknown" in result.stderr and "swin_t" in result.stderr
-    result = tiny_run(tmp_path / "a", fashion_root, "--student", "nope")
+    result = run_tiny(tmp_path / "a", fashion_root, "--student", "nope")
     assert result.returncode == 2 and "shufflenetv2_x1_0" in result.stderr
-    result = tiny_run(tmp_path / "a", fashion_root, "--profile", "huge")
+    result = run_tiny(tmp_path / "a", fashion_root, "--profile", "huge")
     assert result.returncode == 2 and "unknown profile 'huge'; valid: default, full, tiny" in result.stderr
-    result = tiny_run(tmp_path / "a", fashion_root, "--force", "everything")
+    result = run_tiny(tmp_path / "a", fashion_root, "--force", "everything")
     assert result.returncode == 2 and "unknown stage 'everything'" in result.stderr
 
     before = tree_digest(finished_run)
@@ -156,16 +152,16 @@ def _read_only(folder: Path):
 
 def test_read_only_run_directory_gives_a_clear_error_and_loses_nothing(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
+    clone_run(finished_run, run)
     before = tree_digest(run)
     undo = _read_only(run)
     try:
-        result = tiny_run(run, fashion_root, "--force", "export")
+        result = run_tiny(run, fashion_root, "--force", "export")
         assert result.returncode == 6, result.stderr
         assert "error: cannot write" in result.stderr and "finished stages are kept" in result.stderr
         assert "Traceback" not in result.stderr
     finally:
         undo()
     assert tree_digest(run) == before
-    result = tiny_run(run, fashion_root)  # writable again: nothing to redo
+    result = run_tiny(run, fashion_root)  # writable again: nothing to redo
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,6 @@
 """The teacher stage through the real CLI: outputs, skip, SIGKILL + resume, and bad input."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torchvision
 import yaml
 
 from models import build_model
-from tests.conftest import ROOT, TINY, kill_when_written, run_cli, train_tiny_teacher, tree_digest
+from tests.conftest import ROOT, TINY, clone_run, kill_when_written, run_cli, train_tiny_teacher, tree_digest
 
 
 
@@ -125,7 +124,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_touches_nothing(case, finished_run, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
+    clone_run(finished_run, run_dir)
     before = tree_digest(run_dir)
     extra, expected = BAD_INPUTS[case]
     args = ["--data-root", str(stripes_root), "--epochs", "1", *TINY, *extra(tmp_path)]
@@ -139,8 +138,9 @@ def test_bad_input_is_one_line_and_touches_nothing(case, finished_run, stripes_r
 
 def test_corrupt_checkpoint_is_named_and_kept(finished_run, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
+    clone_run(finished_run, run_dir)
     (run_dir / "teacher" / "stage.json").unlink()  # an unfinished stage, so the checkpoint is read
+    (run_dir / "teacher" / "checkpoints" / "last.pt").unlink()  # a hard link to the fixture's: replace, not edit
     (run_dir / "teacher" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 torn")
     before = tree_digest(run_dir)
     result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",

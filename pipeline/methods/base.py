@@ -8,6 +8,7 @@ in the training task and never in the saved student.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -40,6 +41,20 @@ def get_method(name: str) -> type["KDMethod"]:
     if name not in _METHODS:
         raise unknown_name("method", name, method_names())
     return _METHODS[name]
+
+
+def create_method(name: str, options: dict[str, Any], label_smoothing: float = 0.0) -> "KDMethod":
+    """The method ``name`` with its options; a ValueError names an unknown or invalid option."""
+    cls = get_method(name)
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
+                         f"valid: {', '.join(sorted(set(valid) - {'label_smoothing'})) or 'none'}")
+    try:
+        return cls(label_smoothing=label_smoothing, **options)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"method '{cls.name}': {exc}") from None
 
 
 def check(condition: bool, message: str) -> None:

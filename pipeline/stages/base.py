@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.layout import RunLayout, StageFolder
-from pipeline.training.checkpoint import atomic_save, atomic_write_json, read_json
+from pipeline.training.checkpoint import atomic_save, atomic_write_json, file_sha256, read_json
 from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
 from pipeline.training.distributed import DistContext
 from pipeline.training.engine import fit, read_resume_state
@@ -82,20 +82,38 @@ class Stage:
         return self.folder.marker
 
     def finished(self, settings_hash: str) -> dict[str, Any] | None:
-        """The completion record when the stage finished with these settings and its outputs exist."""
+        """The completion record when the stage finished with these settings and every output is still the file
+        it wrote (same sha256); None, with a log line saying why, when the stage must run again."""
         record = read_json(self.marker)
         if not isinstance(record, dict) or record.get("status") != "complete":
             return None
         if record.get("settings_hash") != settings_hash:
             log.info("%s: finished outputs were made with other settings; rerunning", self.name)
             return None
-        if not all((self.dir / out).exists() for out in record.get("outputs", [])):
-            log.info("%s: some outputs are missing; rerunning", self.name)
+        missing = [out for out in record.get("outputs", []) if not (self.dir / out).is_file()]
+        if missing:
+            log.info("%s: output %s is missing; rerunning", self.name, self.dir / missing[0])
             return None
+        # records written before outputs were hashed (older run directories) are checked for existence only
+        for out, digest in record.get("output_sha256", {}).items():
+            if file_sha256(self.dir / out) != digest:
+                log.info("%s: %s is not the file this stage wrote (sha256 differs: truncated, corrupted or "
+                         "replaced); rerunning", self.name, self.dir / out)
+                return None
         return record
 
+    def skip_if_finished(self, settings_hash: str) -> dict[str, Any] | None:
+        """The completion record, logged as a skip, when the stage finished with these settings; else None."""
+        done = self.finished(settings_hash)
+        if done is not None:
+            top1 = f" (test top-1 {done['top1']:.2f}%)" if isinstance(done.get("top1"), (int, float)) else ""
+            log.info("%s: finished with these settings%s; skipping", self.name, top1)
+        return done
+
     def mark_complete(self, settings_hash: str, outputs: list[str], summary: dict[str, Any]) -> dict[str, Any]:
+        """Write ``stage.json`` (last, atomically) with the settings hash and the sha256 of every output."""
         record = {"status": "complete", "settings_hash": settings_hash, "outputs": outputs,
+                  "output_sha256": {out: file_sha256(self.dir / out) for out in outputs},
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary}
         atomic_write_json(self.marker, record)
         return record
@@ -129,11 +147,8 @@ def set_deterministic(enabled: bool) -> None:
 def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: DataBundle,
                 train: Any, test: Any, image_size: int, task: nn.Module, train_cfg: TrainConfig, settings_hash: str,
                 arch: dict[str, Any], progress: bool | None) -> dict[str, Any]:
-    """Skip, resume or run one training stage; writes model.pt, metrics.json(l) and stage.json."""
-    done = stage.finished(settings_hash)
-    if done is not None:
-        log.info("%s: finished with these settings (test top-1 %.2f%%); skipping", stage.name, done["top1"])
-        return done
+    """Resume or run one training stage (its caller has checked that it is not finished); writes model.pt,
+    metrics.json(l) and stage.json."""
     resume = read_resume_state(stage.dir, settings_hash)
     set_deterministic(cfg.deterministic)
     log.info("%s: %s on %s (%d train / %d test images, %dx%d, %s)", stage.name, arch["name"], bundle.name,

@@ -10,7 +10,6 @@ teacher into ``RUN_DIR/baseline/student/``, for the report's comparison.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from models.heads import next_part
 from models.reparam import build_multibranch_student
 from pipeline.config import PipelineConfig, StudentConfig, with_derived_settings
 from pipeline.errors import BadInputError
-from pipeline.methods import KDMethod, get_method
+from pipeline.methods import KDMethod, create_method, get_method
 from pipeline.stages.base import TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_settings, prepare_data, train_stage
 from pipeline.stages.loaders import load_teacher
 from pipeline.training.checkpoint import file_sha256, seed_everything
@@ -94,16 +93,11 @@ def setup_feature_method(method: KDMethod, student: torch.nn.Module, teacher: Fr
     log.info("distillation points: %s", ", ".join(f"student {s} {ss} <- teacher {t} {ts}" for s, t, ss, ts in pairs))
 
 
-def make_method(cls: type[KDMethod], options: dict[str, Any], label_smoothing: float) -> KDMethod:
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise BadInputError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
-                            f"valid: {', '.join(sorted(set(valid) - {'label_smoothing'})) or 'none'}")
+def make_method(name: str, options: dict[str, Any], label_smoothing: float) -> KDMethod:
     try:
-        return cls(label_smoothing=label_smoothing, **options)
+        return create_method(name, options, label_smoothing)
     except ValueError as exc:
-        raise BadInputError(f"method '{cls.name}': {exc}") from None
+        raise BadInputError(str(exc)) from None
 
 
 def make_teacher_cache(s: StudentConfig, augment: str) -> TeacherOutputCache | None:
@@ -116,33 +110,43 @@ def make_teacher_cache(s: StudentConfig, augment: str) -> TeacherOutputCache | N
     return TeacherOutputCache(s.teacher_cache_mb * 2**20, getattr(torch, s.teacher_cache_dtype))
 
 
+def distill_settings_hash(cfg: PipelineConfig, teacher_ckpt: Path | None) -> str:
+    """The stage's fingerprint: seed, data and student settings, and the teacher's weights (another teacher
+    means another distillation)."""
+    settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
+                                              "data": data_settings(cfg), "student": cfg.student.model_dump()})
+    settings_hash = settings.section_hash("seed", "deterministic", "data", "student")
+    return settings_hash + "-" + file_sha256(teacher_ckpt)[:16] if teacher_ckpt is not None else settings_hash
+
+
 def run_distill(run: StageRun) -> dict[str, Any]:
     """Run (or skip, or resume) the distillation; returns the student's metrics."""
     cfg, ctx = with_derived_settings(run.cfg), run.ctx
     s = cfg.student
-    seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
     method_cls = get_method(s.method)
+    ckpt = (Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model) if method_cls.needs_teacher else None
+    stage = Stage(run.layout.student, "student")
+    if ckpt is None or ckpt.is_file():  # a missing teacher is reported below, with what to run
+        done = stage.skip_if_finished(distill_settings_hash(cfg, ckpt))
+        if done is not None:
+            return done
+    seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
     bundle, train, test, image_size = prepare_data(cfg)
-    method = make_method(method_cls, dict(s.method_options), s.train.label_smoothing)
+    method = make_method(s.method, dict(s.method_options), s.train.label_smoothing)
     try:
         model, arch = build_multibranch_student(s.model, bundle.num_classes, image_size, s.m, s.points,
                                                 s.rep_blocks)
     except ModelError as exc:
         raise BadInputError(str(exc)) from None
     teacher, teacher_info, sample = None, None, None
-    if method_cls.needs_teacher:
+    if ckpt is not None:
         sample = sample_input(train, bundle, image_size, ctx)
-        ckpt = Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model
         teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size)
         teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"),
                         "model": teacher_meta["arch"]["name"], **choose_teacher_precision(teacher_model, sample, ctx.device)}
         teacher = FrozenTeacher(teacher_model, teacher_info["precision"], get_spec(teacher_info["model"]).taps)
-    settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
-                                              "data": data_settings(cfg), "student": s.model_dump()})
-    settings_hash = settings.section_hash("seed", "deterministic", "data", "student")
-    if teacher_info:  # another teacher means another distillation
-        teacher_info["sha256"] = file_sha256(Path(teacher_info["checkpoint"]))
-        settings_hash += "-" + teacher_info["sha256"][:16]
+        teacher_info["sha256"] = file_sha256(ckpt)
+    settings_hash = distill_settings_hash(cfg, ckpt)
     points = arch["multibranch"]["distill_points"]
     if method.uses_features:  # feature methods (all of which need a teacher)
         setup_feature_method(method, model, teacher, points, s.m, sample)
@@ -154,9 +158,8 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     arch["method"] = s.method
     arch["method_options"] = dict(s.method_options)
     arch["teacher"] = teacher_info
-    summary = train_stage(Stage(run.layout.student, "student"), cfg, ctx, bundle=bundle, train=train, test=test,
-                          image_size=image_size, task=task, train_cfg=s.train, settings_hash=settings_hash, arch=arch,
-                          progress=run.progress)
+    summary = train_stage(stage, cfg, ctx, bundle=bundle, train=train, test=test, image_size=image_size, task=task,
+                          train_cfg=s.train, settings_hash=settings_hash, arch=arch, progress=run.progress)
     if cache is not None and cache.hits + cache.misses:
         log.info("teacher cache in the last epoch: %s", cache.stats())
     return summary

@@ -21,10 +21,11 @@ import torch
 from exporters import metadata as md
 from exporters.equivalence import Comparison, Tolerances, compare_runner, gate, judge
 from exporters.formats import ONNX_FILE, ExportFormat, ExportJob, format_names, get_format, with_requirements
+from exporters.verify import check_hashes, read_manifest
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
 from pipeline.stages.base import Stage, StageRun, StageSpec
-from pipeline.stages.loaders import dataset_of, held_out, load_fused
+from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused
 from pipeline.training.checkpoint import atomic_write_json, file_sha256, settings_digest
 
 log = logging.getLogger(__name__)
@@ -89,26 +90,28 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     """Export (or with ``verify_only`` re-check existing artifacts); raises GateFailedError on a failed gate."""
     from exporters.onnx import INPUT_NAME, OUTPUT_NAME
 
-    model, info = load_fused(layout)
+    info = fused_info(layout)
     stage = Stage(layout.export, "export")
     fused_sha = file_sha256(layout.fused.model)
     meta = md.build(info, input_name=INPUT_NAME, output_name=OUTPUT_NAME, source_sha256=fused_sha,
                     config_sha256=file_sha256(layout.config) if layout.config.exists() else None)
     settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
     to_write = with_requirements(settings.formats)
+    done = None if verify_only else stage.finished(settings_hash)
+    if done is not None:
+        log.info("export: artifacts are up to date with the fused student; skipping")
+        return done
+    model, info = load_fused(layout)
     if not verify_only:
-        done = stage.finished(settings_hash)
-        if done is not None:
-            log.info("export: artifacts are up to date with the fused student; skipping")
-            return done
         stage.marker.unlink(missing_ok=True)
         job = ExportJob(model, stage.dir, meta, settings.opset, settings.exporter)
         for fmt in to_write:
             fmt.write(job)
-    else:
+    else:  # the files must still be the ones the manifest lists before their numbers mean anything
         missing = [name for name in artifact_list(stage.folder, to_write) if not (stage.folder / name).exists()]
         if missing:
             raise BadInputError(f"nothing to verify: {stage.folder / missing[0]} does not exist; run `pipeline export`")
+        check_hashes(stage.dir, read_manifest(stage.dir))
 
     images = held_out({"dataset": dataset_of(layout, info), "image_size": info["input_size"][-1]},
                       data_root, settings.images)[0]

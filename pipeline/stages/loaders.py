@@ -64,14 +64,22 @@ def load_student(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:
     return model, meta
 
 
-def load_fused(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The fused student as its stock torchvision class (float32, eval mode), and its ``model.json``."""
+def fused_info(layout: RunLayout) -> dict[str, Any]:
+    """The finished fuse stage's ``model.json`` (how to rebuild and feed the fused student)."""
     folder = layout.fused
     info = read_json(folder.model_info)
     record = read_json(folder.marker)
-    if not isinstance(info, dict) or not isinstance(record, dict) or record.get("status") != "complete":
-        raise BadInputError(f"no fused student in {folder.path} (model.json or stage.json missing); "
+    if (not isinstance(info, dict) or not isinstance(record, dict) or record.get("status") != "complete"
+            or not folder.model.is_file()):
+        raise BadInputError(f"no fused student in {folder.path} (model.pt, model.json or stage.json missing); "
                             "run `pipeline fuse` first")
+    return info
+
+
+def load_fused(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The fused student as its stock torchvision class (float32, eval mode), and its ``model.json``."""
+    folder = layout.fused
+    info = fused_info(layout)
     try:
         model, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
     except ModelError as exc:

@@ -13,7 +13,8 @@ from typing import Any
 
 from pipeline.layout import RunLayout
 from pipeline.stages.base import Stage, StageSpec
-from pipeline.training.checkpoint import atomic_write_json, atomic_write_text, file_sha256, read_json, settings_digest
+from pipeline.training.checkpoint import (atomic_write, atomic_write_json, atomic_write_text, file_sha256, read_json,
+                                         settings_digest)
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,8 @@ def _save(fig: Any, path: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path.name
 
 

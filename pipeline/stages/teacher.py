@@ -56,16 +56,19 @@ def build_teacher(cfg: PipelineConfig, num_classes: int, image_size: int) -> tup
 def run_teacher(run: StageRun) -> dict[str, Any]:
     """Run (or skip, or resume) the teacher stage; returns its metrics."""
     cfg = with_derived_settings(run.cfg)  # the settings hash covers the resolved Swin windows
-    seed_everything(cfg.seed)  # the initial weights are part of what a seed fixes
-    bundle, train, test, image_size = prepare_data(cfg)
-    model, arch = build_teacher(cfg, bundle.num_classes, image_size)
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
                                               "data": data_settings(cfg), "teacher": cfg.teacher.model_dump()})
     settings_hash = settings.section_hash("seed", "deterministic", "data", "teacher")
+    stage = Stage(run.layout.teacher, "teacher")
+    done = stage.skip_if_finished(settings_hash)
+    if done is not None:
+        return done
+    seed_everything(cfg.seed)  # the initial weights are part of what a seed fixes
+    bundle, train, test, image_size = prepare_data(cfg)
+    model, arch = build_teacher(cfg, bundle.num_classes, image_size)
     task = SupervisedTask(model, cfg.teacher.train.label_smoothing)
-    return train_stage(Stage(run.layout.teacher, "teacher"), cfg, run.ctx, bundle=bundle, train=train, test=test,
-                       image_size=image_size, task=task, train_cfg=cfg.teacher.train, settings_hash=settings_hash,
-                       arch=arch, progress=run.progress)
+    return train_stage(stage, cfg, run.ctx, bundle=bundle, train=train, test=test, image_size=image_size, task=task,
+                       train_cfg=cfg.teacher.train, settings_hash=settings_hash, arch=arch, progress=run.progress)
 
 
 STAGE = StageSpec(name="teacher", folder=lambda layout: layout.teacher, run=run_teacher, outputs=TRAINING_OUTPUTS,

@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import BadInputError
+from exporters.verify import file_sha256  # noqa: F401  (re-exported: one sha256 for the run and the artifacts)
+from pipeline.errors import BadInputError, StorageError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -34,7 +36,10 @@ def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename the result onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # an unpredictable name, created exclusively: a planted file or link of the same name is never written through
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    tmp = Path(name)
     try:
         write(tmp)
         with open(tmp, "rb+") as handle:
@@ -47,7 +52,16 @@ def atomic_write(path: Path, write) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch reports a full disk or a file-size limit as a RuntimeError
+            if "write" not in str(exc).lower():
+                raise
+            raise StorageError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}; free some space, then "
+                               "rerun the same command (finished stages are kept)") from None
+
+    atomic_write(path, save)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -120,14 +134,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def settings_digest(settings: Any) -> str:

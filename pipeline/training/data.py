@@ -224,12 +224,30 @@ _CIFAR = {
 }
 
 
+# What CIFAR's python batches hold besides dicts, lists, bytes and numbers: numpy arrays. Nothing else may be
+# built while reading them (a pickle names any callable it likes, e.g. os.system).
+_CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: CIFAR files hold only arrays, lists "
+                                         "and dicts")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path: Path) -> dict:
+    """A CIFAR batch, read with an unpickler that builds nothing but numpy arrays."""
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle, encoding="latin1")
+            data = _CifarUnpickler(handle, encoding="latin1").load()
     except Exception as exc:
         raise BadInputError(f"corrupt data file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"corrupt data file {path}: expected a dict, found {type(data).__name__}")
+    return data
 
 
 def _load_cifar(name: str, data_root: Path | None, download: bool) -> tuple[ArrayImages, ArrayImages, list[str], str]:
