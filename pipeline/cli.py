@@ -22,7 +22,7 @@ def _setup_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
                         format=("" if rank == 0 else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
 # Options shared by the training stages: (flag, config path under the stage's section or top level, click kwargs).

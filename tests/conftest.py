@@ -58,11 +58,43 @@ def fashion_root() -> Path:
     return DEBIAN_FASHION
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
-    """Run the real CLI in a subprocess (as a user would)."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI as a user would, with its exit code, stdout and stderr.
+
+    In this process through click's runner (the suite then imports torch once, not once per command: about 3 s
+    a command), or in a subprocess when the test gives another environment or working tree (``env``, ``cwd``)
+    or the command reads image folders (their data-loader worker processes install process-wide signal
+    handlers in whoever starts them).
+    """
+    if env is None and cwd is None and not any(a.startswith("imagefolder:") or a == "--workers" for a in args):
+        return _run_in_process(args)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=cwd or ROOT)
+
+
+def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    import traceback
+
+    import torch
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    threads, workdir, on_child = torch.get_num_threads(), os.getcwd(), signal.getsignal(signal.SIGCHLD)
+    os.chdir(ROOT)
+    try:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=True)
+    finally:  # what a command may change for the rest of the process
+        os.chdir(workdir)
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+        signal.signal(signal.SIGCHLD, on_child)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))  # as the interpreter would print it
+    return subprocess.CompletedProcess(["pipeline", *args], result.exit_code, result.stdout, stderr)
 
 
 @pytest.fixture(scope="session")

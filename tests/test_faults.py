@@ -78,7 +78,8 @@ def test_verify_on_a_copied_export_folder(tiny_run, tmp_path):
     (folder / "openvino" / "model.bin").unlink()
     result = run_cli("verify", str(folder))
     assert result.returncode == 2 and "is listed in manifest.json but does not exist" in result.stderr
-    result = run_cli("verify", str(tmp_path))
+    (tmp_path / "empty").mkdir()
+    result = run_cli("verify", str(tmp_path / "empty"))
     assert result.returncode == 2 and "not an export folder" in result.stderr
 
 
@@ -126,7 +127,8 @@ def test_a_crafted_cifar_pickle_is_refused_and_runs_nothing(tmp_path):
 
 
 def test_real_cifar_batches_still_load(tmp_path):
-    """The restricted reader takes what CIFAR's files hold: dicts of bytes keys, lists and uint8 arrays."""
+    """The restricted reader takes what CIFAR's files hold: dicts, lists and uint8 arrays (protocol 2, as
+    Python 3 writes it: bytes through _codecs.encode)."""
     import numpy as np
 
     from pipeline.training.data import load_dataset
@@ -137,7 +139,7 @@ def test_real_cifar_batches_still_load(tmp_path):
     meta = {"label_names": [f"c{i}" for i in range(10)], "num_cases_per_batch": 20}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     for name in (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"):
-        batch = {b"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), b"labels": list(range(10)) * 2}
+        batch = {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     bundle = load_dataset("cifar10", str(tmp_path))
     assert len(bundle.train) == 100 and len(bundle.test) == 20 and bundle.classes[0] == "c0"
@@ -168,7 +170,7 @@ def test_method_options_are_checked_before_any_stage(tmp_path):
 @pytest.mark.parametrize("profile", ["../../../etc/hostname", "tiny/../../x", "nope"])
 def test_a_profile_name_never_leaves_the_profiles_folder(profile, tmp_path):
     result = run_cli("run", "--profile", profile, "--run-dir", str(tmp_path / "r"))
-    assert result.returncode == 2 and "unknown profile" in result.stderr and "valid: default, full" in result.stderr
+    assert result.returncode == 2 and "unknown profile" in result.stderr and "default, full, tiny" in result.stderr
 
 
 def test_a_profile_can_be_a_yaml_file(tmp_path):

@@ -22,7 +22,7 @@ class _Poison:
     def __init__(self, names): self.names = names
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in self.names:
-            raise ImportError(f'{name} must not be imported here')
+            raise ImportError(name + ' must not be imported here')
 sys.meta_path.insert(0, _Poison({names!r}))
 """
 

@@ -56,8 +56,6 @@ def atomic_save(obj: Any, path: Path) -> None:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:  # torch reports a full disk or a file-size limit as a RuntimeError
-            if "write" not in str(exc).lower():
-                raise
             raise StorageError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}; free some space, then "
                                "rerun the same command (finished stages are kept)") from None
 

@@ -224,10 +224,11 @@ _CIFAR = {
 }
 
 
-# What CIFAR's python batches hold besides dicts, lists, bytes and numbers: numpy arrays. Nothing else may be
+# What CIFAR's python batches hold besides dicts, lists, bytes and numbers: numpy arrays and scalars. Nothing else may be
 # built while reading them (a pickle names any callable it likes, e.g. os.system).
-_CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                         ("numpy", "ndarray"), ("numpy", "dtype")}
+_CIFAR_PICKLE_GLOBALS = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+                         for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype"),
+                                                                     ("_codecs", "encode")}  # bytes, as Python 3 pickles them
 
 
 class _CifarUnpickler(pickle.Unpickler):
