@@ -255,9 +255,7 @@ def read_profile(name: str) -> dict[str, Any]:
         return read_config_file(PROFILES_DIR / f"{name}.yaml")
     if Path(name).suffix in (".yaml", ".yml"):
         return read_config_file(name)
-    from pipeline.errors import unknown_name
-
-    raise unknown_name("profile", name, [*profile_names(), "PATH.yaml"])
+    raise BadInputError(f"unknown profile '{name}'; valid: {', '.join(profile_names())} (or a PATH.yaml file)")
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

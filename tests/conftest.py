@@ -1,14 +1,17 @@
 """Shared fixtures: small real data files on disk and a runner for the real `pipeline` CLI."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -98,14 +101,26 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory, fashion_root) -> Path:
+def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
     every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
-    run_dir = tmp_path_factory.mktemp("tiny-run") / "run"
-    result = run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(fashion_root),
-                     "--no-progress")
-    assert result.returncode == 0, result.stderr
-    return run_dir
+    with shared_dir(tmp_path_factory, "tiny-run") as folder:
+        run_dir = folder / "run"
+        result = run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(fashion_root),
+                         "--no-progress")
+        assert result.returncode == 0, result.stderr
+        yield run_dir
+
+
+@contextlib.contextmanager
+def shared_dir(tmp_path_factory, name: str) -> Iterator[Path]:
+    """A folder for a module- or session-wide fixture, removed when the fixture ends (pytest keeps such folders
+    otherwise, and a Swin run holds ~0.6 GB)."""
+    folder = tmp_path_factory.mktemp(name)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # Small, fast settings for CLI runs on the stripes data.
@@ -148,7 +163,5 @@ def clone_run(source: Path, dest: Path) -> Path:
     """A copy of a run directory whose files are hard links to the original's: instant and no extra disk (a Swin
     run holds ~0.6 GB of checkpoints). The pipeline replaces files (write, then rename) and never writes into
     one, so the original stays as it was; a test that edits a file in place unlinks it first."""
-    import shutil
-
     shutil.copytree(source, dest, copy_function=os.link)
     return dest

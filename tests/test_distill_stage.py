@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import TINY, clone_run, run_cli, train_tiny_teacher, tree_digest
-
+from tests.conftest import (
+    TINY,
+    clone_run,
+    run_cli,
+    shared_dir,
+    train_tiny_teacher,
+    tree_digest,
+)
 
 
 @pytest.fixture(scope="module")
-def with_teacher(tmp_path_factory, stripes_root) -> Path:
-    return train_tiny_teacher(tmp_path_factory.mktemp("distill") / "run", stripes_root, "resnet34")
+def with_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
+    with shared_dir(tmp_path_factory, "distill") as folder:
+        yield train_tiny_teacher(folder / "run", stripes_root, "resnet34")
 
 
 @pytest.mark.parametrize("method,options", [

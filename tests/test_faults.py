@@ -257,3 +257,26 @@ def test_a_killed_commands_running_stage_is_reported_interrupted(tiny_run, fashi
         "interrupted"
     remove_leftovers(RunLayout(run).export)
     assert not stray.exists() and (run / "export" / "model.onnx").exists()
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
+    from pipeline.errors import BadInputError
+    from pipeline.training.data import load_dataset
+    from tests.test_data import _write_imagefolder
+
+    _write_imagefolder(tmp_path)
+    (tmp_path / "train" / "bird").mkdir()
+    with pytest.raises(BadInputError, match=r"train/bird holds no images \(1 empty class folder\(s\): bird\)"):
+        load_dataset(f"imagefolder:{tmp_path}", image_size=32)
+
+
+@pytest.mark.parametrize("sidecar,content", [("student/metrics.json", "{not json"),
+                                             ("student/metrics.json", '{"arch": {"num_classes": 10}}'),
+                                             ("fused/model.json", '{"zoo_name": "shufflenetv2_x1_0"}')])
+def test_a_malformed_sidecar_is_one_line(tiny_run, tmp_path, sidecar, content):
+    run = clone_run(tiny_run, tmp_path / "run")
+    _replace(run / sidecar, content.encode())
+    command = ["fuse", "--fp32-tol", "0.5"] if sidecar.startswith("student") else ["export", "--images", "3"]
+    result = run_cli(*command, "--run-dir", str(run))
+    assert result.returncode == 2, result.stderr
+    assert f"error: {run / sidecar}" in result.stderr and "Traceback" not in result.stderr

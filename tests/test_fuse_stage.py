@@ -2,23 +2,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from tests.conftest import TINY, clone_run, run_cli, tree_digest
-
+from tests.conftest import TINY, clone_run, run_cli, shared_dir, tree_digest
 
 
 @pytest.fixture(scope="module")
-def distilled(tmp_path_factory, stripes_root) -> Path:
-    run_dir = tmp_path_factory.mktemp("fuse") / "run"
-    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--points", "multi",
-                     "--branches", "3", "--data-root", str(stripes_root), "--epochs", "2", "--run-dir", str(run_dir), *TINY)
-    assert result.returncode == 0, result.stderr
-    return run_dir
+def distilled(tmp_path_factory, stripes_root) -> Iterator[Path]:
+    with shared_dir(tmp_path_factory, "fuse") as folder:
+        run_dir = folder / "run"
+        result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--points", "multi",
+                         "--branches", "3", "--data-root", str(stripes_root), "--epochs", "2", "--run-dir",
+                         str(run_dir), *TINY)
+        assert result.returncode == 0, result.stderr
+        yield run_dir
 
 
 def test_distill_none_saves_the_student_only(distilled):

@@ -86,13 +86,14 @@ def test_rerun_skips_every_stage(finished_run, fashion_root, tmp_path):
 def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
     clone_run(finished_run, run)
-    result = run_tiny(run, fashion_root, "--student-lr", "0.002")
+    changed = ("--method-option", "lambda_kd=0.5")  # the distillation's own setting: the baseline is unaffected
+    result = run_tiny(run, fashion_root, *changed)
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
-    assert actions["teacher"] == "skipped"
-    assert all(actions[n] == "ran" for n in ("distill", "baseline", "fuse", "export", "bench", "report")), actions
+    assert actions["teacher"] == "skipped" and actions["baseline"] == "skipped", actions
+    assert all(actions[n] == "ran" for n in ("distill", "fuse", "export", "bench", "report")), actions
 
-    result = run_tiny(run, fashion_root, "--student-lr", "0.002", "--force", "bench")
+    result = run_tiny(run, fashion_root, *changed, "--force", "bench")
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     assert [n for n in STAGES if actions[n] == "ran"] == ["bench", "report"], actions

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,22 @@ import torchvision
 import yaml
 
 from models import build_model
-from tests.conftest import ROOT, TINY, clone_run, kill_when_written, run_cli, train_tiny_teacher, tree_digest
-
+from tests.conftest import (
+    ROOT,
+    TINY,
+    clone_run,
+    kill_when_written,
+    run_cli,
+    shared_dir,
+    train_tiny_teacher,
+    tree_digest,
+)
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, stripes_root) -> Path:
-    return train_tiny_teacher(tmp_path_factory.mktemp("run") / "run", stripes_root, "swin")
+def finished_run(tmp_path_factory, stripes_root) -> Iterator[Path]:
+    with shared_dir(tmp_path_factory, "run") as folder:
+        yield train_tiny_teacher(folder / "run", stripes_root, "swin")
 
 
 def test_teacher_writes_its_outputs(finished_run):
@@ -56,7 +66,7 @@ def test_saved_config_reproduces_the_settings(finished_run, stripes_root):
 
 def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
-            "--subset", "640", "--eval-subset", "64", "--batch-size", "64", "--epochs", "4", "--precision", "fp32",
+            "--subset", "384", "--eval-subset", "64", "--batch-size", "64", "--epochs", "3", "--precision", "fp32",
             "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
 
 

@@ -9,7 +9,6 @@ teacher into ``RUN_DIR/baseline/student/``, for the report's comparison.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from pathlib import Path
@@ -167,10 +166,8 @@ def run_distill(run: StageRun) -> dict[str, Any]:
 
 def baseline_config(cfg: PipelineConfig) -> PipelineConfig:
     """The same student, data and budget, trained alone (no teacher)."""
-    base = copy.deepcopy(cfg)
-    base.student.method = "none"
-    base.student.method_options = {}
-    return base
+    student = cfg.student.model_copy(update={"method": "none", "method_options": {}}, deep=True)
+    return cfg.model_copy(update={"student": student}, deep=True)
 
 
 def run_baseline(run: StageRun) -> dict[str, Any]:

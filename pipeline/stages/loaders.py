@@ -20,14 +20,32 @@ from pipeline.training.checkpoint import load_checkpoint, load_weights_into, rea
 from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
 
 
+def read_sidecar(path: Path, keys: tuple[str, ...], missing_hint: str) -> dict[str, Any]:
+    """A stage's JSON record with the (dotted) keys a loader needs; a missing, unreadable or malformed file is one
+    line naming it (``missing_hint`` says what to run), never a KeyError."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path} is missing or unreadable; {missing_hint}")
+    for key in keys:
+        node: Any = data
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                raise BadInputError(f"{path} is malformed (no '{key}'); delete its stage folder and run that stage "
+                                    "again")
+            node = node[part]
+    return data
+
+
+TRAINED_KEYS = ("arch.name", "arch.num_classes", "arch.image_size")
+STUDENT_KEYS = (*TRAINED_KEYS, "dataset", "classes", "mean", "std", "image_size", "test_images")
+FUSED_KEYS = ("zoo_name", "architecture", "num_classes", "input_size", "classes", "mean", "std")
+
+
 def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a finished teacher from its ``model.pt`` (any path, e.g. ``--teacher-ckpt``) and the
     ``metrics.json`` of the stage folder beside it."""
-    metrics = StageFolder(path.parent).metrics
-    meta = read_json(metrics)
-    if not isinstance(meta, dict) or "arch" not in meta:
-        raise BadInputError(f"no teacher metadata at {metrics}; train it with "
-                            "`pipeline teacher` or give --teacher-ckpt DIR/teacher/model.pt")
+    meta = read_sidecar(StageFolder(path.parent).metrics, TRAINED_KEYS, "train the teacher with `pipeline "
+                        "teacher` or give --teacher-ckpt DIR/teacher/model.pt")
     arch = meta["arch"]
     if arch["num_classes"] != bundle.num_classes:
         raise BadInputError(f"teacher checkpoint {path} has {arch['num_classes']} classes but dataset "
@@ -49,10 +67,8 @@ def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch
 def load_student(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the multi-branch student saved by the distill stage."""
     folder = layout.student
-    meta = read_json(folder.metrics)
-    if not isinstance(meta, dict) or "arch" not in meta:
-        raise BadInputError(f"no finished student in {folder.path} (metrics.json missing or unreadable); "
-                            "run `pipeline distill` first")
+    meta = read_sidecar(folder.metrics, STUDENT_KEYS, f"no finished student in {folder.path}: run `pipeline "
+                        "distill` first")
     arch = meta["arch"]
     mb = arch.get("multibranch", {})
     try:
@@ -67,13 +83,12 @@ def load_student(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:
 def fused_info(layout: RunLayout) -> dict[str, Any]:
     """The finished fuse stage's ``model.json`` (how to rebuild and feed the fused student)."""
     folder = layout.fused
-    info = read_json(folder.model_info)
     record = read_json(folder.marker)
-    if (not isinstance(info, dict) or not isinstance(record, dict) or record.get("status") != "complete"
-            or not folder.model.is_file()):
+    if not isinstance(record, dict) or record.get("status") != "complete" or not folder.model.is_file():
         raise BadInputError(f"no fused student in {folder.path} (model.pt, model.json or stage.json missing); "
                             "run `pipeline fuse` first")
-    return info
+    return read_sidecar(folder.model_info, FUSED_KEYS, f"no fused student in {folder.path}: run `pipeline fuse` "
+                        "first")
 
 
 def load_fused(layout: RunLayout) -> tuple[torch.nn.Module, dict[str, Any]]:

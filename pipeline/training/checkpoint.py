@@ -54,7 +54,8 @@ def atomic_write(path: Path, write) -> None:
 def atomic_save(obj: Any, path: Path) -> None:
     def save(tmp: Path) -> None:
         try:
-            torch.save(obj, tmp)
+            with open(tmp, "wb") as handle:  # through a file object, the archive's record names do not depend on the
+                torch.save(obj, handle)      # (random) temporary file name: equal tensors give equal bytes
         except RuntimeError as exc:  # torch reports a full disk or a file-size limit as a RuntimeError
             raise StorageError(f"cannot write {path}: {str(exc).strip().splitlines()[0]}; free some space, then "
                                "rerun the same command (finished stages are kept)") from None

@@ -305,6 +305,10 @@ def _load_imagefolder(root: Path, image_size: int) -> tuple[FolderImages, Folder
         raise BadInputError(f"image folder {root}/train needs at least 2 class folders (found {len(classes)})")
     train_files, train_labels = _scan_folder(root / "train", classes)
     val_files, val_labels = _scan_folder(root / "val", classes)
+    empty = [cls for label, cls in enumerate(classes) if label not in set(train_labels)]
+    if empty:  # a class the model could never learn, yet would have an output for
+        raise BadInputError(f"image folder {root}/train/{empty[0]} holds no images ({len(empty)} empty class "
+                            f"folder(s): {', '.join(empty)}); add images or remove the folder")
     for split, files in (("train", train_files), ("val", val_files)):
         if not files:
             raise BadInputError(f"image folder {root}/{split} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
