@@ -20,7 +20,7 @@ FIT_RULE = ("pad-or-resize: an image at most 25% smaller than the input side is 
 
 
 def build(model_info: Mapping[str, Any], *, input_name: str, output_name: str, config_sha256: str | None,
-          source_sha256: str | None) -> dict[str, Any]:
+          source_sha256: str | None, preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The metadata of an artifact made from a fused student described by ``fused/model.json``."""
     meta = {
         "architecture": model_info["architecture"],
@@ -39,6 +39,8 @@ def build(model_info: Mapping[str, Any], *, input_name: str, output_name: str, c
         "config_sha256": config_sha256 or "",
         "source_sha256": source_sha256 or "",
     }
+    if preprocessing is not None:  # exporters.preprocess.spec: what the runtime does to an image file
+        meta["preprocessing"] = dict(preprocessing)
     missing = [key for key in REQUIRED if key not in meta]
     assert not missing, missing
     return meta

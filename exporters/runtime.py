@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from exporters import metadata as md
+from exporters import preprocess
 from exporters.errors import InputError
 from exporters.formats import open_artifact
 from exporters.sessions import RuntimeOptions
@@ -52,43 +52,24 @@ class Classifier:
                              "export it with `pipeline export`")
         self.channels, self.height, self.width = (int(v) for v in self.meta["input_size"])
         self.classes: list[str] = list(self.meta["classes"])
-        self._mean = np.asarray(self.meta["mean"], np.float32).reshape(1, -1, 1, 1)
-        self._std = np.asarray(self.meta["std"], np.float32).reshape(1, -1, 1, 1)
+        # artifacts exported before the metadata carried its preprocessing: RGB, no crop (what the runtime did)
+        self.preprocessing = self.meta.get("preprocessing") or preprocess.spec(
+            color="rgb", crop="none", size=(self.height, self.width), channels=self.channels, mean=self.meta["mean"],
+            std=self.meta["std"])
 
     # ------------------------------------------------------------------ preprocessing
     def load_image(self, path: str | Path) -> np.ndarray:
-        """One image file -> C x H x W float32 pixels in [0, 255], fitted to the input size."""
-        try:
-            with Image.open(path) as image:
-                image.load()
-        except FileNotFoundError:
-            raise InputError(f"image {path} does not exist") from None
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"cannot read image {path}: {exc}") from None
-        if image.mode in ("L", "I", "I;16", "F", "1"):
-            channels = [image.convert("F")]
-        else:
-            channels = [band.convert("F") for band in image.convert("RGB").split()]
-        if len(channels) == 1 and self.channels == 3:
-            channels = channels * 3  # grey images are repeated, as in training
-        if len(channels) != self.channels:
-            raise InputError(f"image {path} has {len(channels)} channels; the model takes {self.channels}")
-        return np.stack([self._fit(np.asarray(c, np.float32)) for c in channels])
-
-    def _fit(self, plane: np.ndarray) -> np.ndarray:
-        h, w = plane.shape
-        H, W = self.height, self.width
-        if (h, w) == (H, W):
-            return plane
-        if h <= H and w <= W and min(h, w) >= 0.75 * min(H, W):
-            top, left = (H - h) // 2, (W - w) // 2
-            return np.pad(plane, ((top, H - h - top), (left, W - w - left)))
-        # float ("F") resampling: no rounding to uint8 in between, as in training
-        return np.asarray(Image.fromarray(plane, "F").resize((W, H), Image.Resampling.BILINEAR), np.float32)
+        """One image file -> C x H x W float32 pixels in [0, 255], prepared as the model's metadata says
+        (:mod:`exporters.preprocess`: the same decoding and cropping training used)."""
+        p = self.preprocessing
+        pixels = preprocess.decode_file(path, p["color"], p["crop"], self.height)
+        if pixels.shape[-1] == 3 and self.channels == 1:
+            raise InputError(f"image {path} has 3 channels; the model takes 1")
+        return preprocess.fit(pixels, (self.height, self.width), self.channels)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """N x C x H x W pixels in [0, 255] -> the model's input."""
-        return ((pixels / 255.0 - self._mean) / self._std).astype(np.float32)
+        return preprocess.normalize(pixels, self.preprocessing)
 
     # ------------------------------------------------------------------ inference
     def check_input(self, batch: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, TINY, clone_run, run_cli, tree_digest
+from tests.conftest import ROOT, TINY, clone_run, kill_when_written, run_cli, tree_digest
 
 
 def _actions(run_dir: Path) -> dict[str, str]:
@@ -280,3 +281,15 @@ def test_a_malformed_sidecar_is_one_line(tiny_run, tmp_path, sidecar, content):
     result = run_cli(*command, "--run-dir", str(run))
     assert result.returncode == 2, result.stderr
     assert f"error: {run / sidecar}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigkill_during_export_then_rerun_gives_the_same_files(tiny_run, fashion_root, tmp_path):
+    run = clone_run(tiny_run, tmp_path / "run")
+    shutil.rmtree(run / "export")
+    args = ["export", "--run-dir", str(run), "--data-root", str(fashion_root), "--images", "16"]
+    kill_when_written(args, run / "export" / "model.onnx")  # after the ONNX file, before the IR and the gates
+    assert not (run / "export" / "stage.json").exists()
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    for name in ("model.onnx", "openvino/model.xml", "openvino/model.bin", "manifest.json"):
+        assert (run / "export" / name).read_bytes() == (tiny_run / "export" / name).read_bytes(), name

@@ -27,6 +27,7 @@ from pipeline.layout import RunLayout, StageFolder
 from pipeline.stages.base import Stage, StageRun, StageSpec
 from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused
 from pipeline.training.checkpoint import atomic_write_json, file_sha256, settings_digest
+from pipeline.training.data import preprocessing_spec
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,10 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     info = fused_info(layout)
     stage = Stage(layout.export, "export")
     fused_sha = file_sha256(layout.fused.model)
+    size = info["input_size"][-1]
     meta = md.build(info, input_name=INPUT_NAME, output_name=OUTPUT_NAME, source_sha256=fused_sha,
-                    config_sha256=file_sha256(layout.config) if layout.config.exists() else None)
+                    config_sha256=file_sha256(layout.config) if layout.config.exists() else None,
+                    preprocessing=preprocessing_spec(dataset_of(layout, info), size, info["mean"], info["std"]))
     settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
     to_write = with_requirements(settings.formats)
     done = None if verify_only else stage.finished(settings_hash)
@@ -155,7 +158,8 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
                        "sha256": file_sha256(folder / name)} for name in files],
         "input": {"name": meta["input_name"], "shape": ["batch", c, h, w], "dtype": "float32",
                   "layout": meta["layout"], "channel_order": meta["channel_order"], "mean": meta["mean"],
-                  "std": meta["std"], "pixel_scale": meta["pixel_scale"], "fit": meta["fit"]},
+                  "std": meta["std"], "pixel_scale": meta["pixel_scale"], "fit": meta["fit"],
+                  "preprocessing": meta.get("preprocessing")},
         "output": {"name": meta["output_name"], "shape": ["batch", len(meta["classes"])], "meaning": meta["output"]},
         "classes": meta["classes"],
         "metadata": meta,

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
+from exporters.errors import InputError
+from exporters.preprocess import decode_file
+from exporters.preprocess import spec as preprocessing
 from pipeline.errors import BadInputError
 
 log = logging.getLogger(__name__)
@@ -122,22 +125,14 @@ def collate(batch: Any):
 
 
 def decode_image(path: Path, size: int) -> torch.Tensor:
-    """Decode to RGB, resize the shorter side to ``size`` and centre-crop; errors name the file."""
-    from PIL import Image
-
+    """An image-folder file as uint8 3 x size x size: shorter side resized, centre square (the shipped runtime
+    decodes files with the same function, :func:`exporters.preprocess.decode_file`); errors name the file."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            w, h = img.size
-            scale = size / min(w, h)
-            img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = img.size
-            left, top = (w - size) // 2, (h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            array = np.asarray(img, dtype=np.uint8).copy()
-    except Exception as exc:  # PIL raises several types for bad files
-        raise BadInputError(f"corrupt or unreadable image file {path}: {exc}") from None
-    return torch.from_numpy(array).permute(2, 0, 1)
+        pixels = decode_file(path, "rgb", "shorter-side-centre", size)
+    except InputError as exc:
+        reason = str(exc).split(": ", 1)[-1]
+        raise BadInputError(f"corrupt or unreadable image file {path}: {reason}") from None
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- readers
@@ -335,6 +330,16 @@ def check_dataset_name(name: str) -> str:
     if key.startswith("imagefolder:") and len(key) > len("imagefolder:"):
         return key
     raise ValueError(f"unknown dataset '{name}'; valid: {', '.join(DATASET_NAMES)}")
+
+
+def preprocessing_spec(dataset: str, image_size: int, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """How an image file must be prepared for a model trained on ``dataset`` (what its artifacts carry):
+    Fashion-MNIST is grey, CIFAR and image folders RGB; image folders are cropped as :func:`decode_image` does."""
+    name = check_dataset_name(dataset)
+    folder = name.startswith("imagefolder:")
+    return preprocessing(color="grey" if name == "fashion-mnist" else "rgb",
+                         crop="shorter-side-centre" if folder else "none", size=(image_size, image_size),
+                         channels=3, mean=mean, std=std)
 
 
 def default_image_size(name: str) -> int:
