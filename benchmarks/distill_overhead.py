@@ -30,7 +30,7 @@ from models.reparam import build_multibranch_student
 from pipeline.config import PipelineConfig
 from pipeline.training.data import BatchPreprocessor, load_dataset, stratified_subset
 from pipeline.stages.loaders import load_teacher
-from pipeline.stages.distill import (choose_teacher_precision, make_teacher_cache,
+from pipeline.stages.distill import (make_teacher_cache, teacher_precision,
                               setup_feature_method)
 from pipeline.training.engine import make_optimizer
 from pipeline.methods import get_method
@@ -77,7 +77,7 @@ def main() -> None:
     teacher_model, meta = load_teacher(Path(args.teacher_ckpt), bundle, image_size)
     sample_images, _, _ = train.__getitems__(list(range(64)))
     sample = prep(sample_images)
-    precision = choose_teacher_precision(teacher_model, sample, device)["precision"]
+    precision = teacher_precision(cfg.student.teacher_precision, device)
     teacher = FrozenTeacher(teacher_model, precision, get_spec(meta["arch"]["name"]).taps)
 
     tasks = {"student alone": build_task("none", cfg, None, sample, bundle.num_classes, image_size, False),

@@ -70,6 +70,9 @@ STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
                                               help="reuse the teacher's outputs per input image across epochs "
                                                    "(auto: on with --augment flip or none)")),
     ("--teacher-cache-mb", "teacher_cache_mb", dict(type=int, help="memory bound of the teacher cache (MiB)")),
+    ("--teacher-precision", "teacher_precision", dict(type=click.Choice(["auto", "fp32", "bf16"]),
+                                                      help="the frozen teacher's arithmetic (auto: fp32 on a CPU, "
+                                                           "bf16 on CUDA)")),
     ("--method-option", "method_options", dict(multiple=True, callback=lambda c, p, v: parse_method_options(v) or None,
                                                help="KEY=VALUE option of the method (repeatable), e.g. temperature=4")),
 ]

@@ -100,6 +100,9 @@ class StudentConfig(_Strict):
         "data.augment is flip or none (random crops make every input new)")
     teacher_cache_mb: int = Field(2048, ge=0, description="memory bound of the teacher cache per process (MiB)")
     teacher_cache_dtype: Literal["float16", "float32"] = Field("float16", description="storage of cached outputs")
+    teacher_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the frozen teacher's arithmetic; auto = fp32 on a CPU, bf16 on CUDA (a setting, never "
+        "a timing probe: the same command always trains the same student)")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=3, lr=3e-3, weight_decay=0.01,
                                                                    grad_clip=None))
 
@@ -199,11 +202,13 @@ class PipelineConfig(_Strict):
     export: ExportConfig = Field(default_factory=ExportConfig)
     bench: BenchConfig = Field(default_factory=BenchConfig)
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named top-level sections: a stage's settings fingerprint."""
+    def section_hash(self, *sections: str, exclude: dict[str, set[str]] | None = None) -> str:
+        """Stable hash of the named top-level sections: a stage's settings fingerprint. ``exclude`` leaves fields
+        out (settings added later that must not change the fingerprints of runs made before them)."""
+        exclude = exclude or {}
         payload = {name: getattr(self, name) for name in sections}
-        text = json.dumps({k: (v.model_dump() if isinstance(v, BaseModel) else v) for k, v in payload.items()},
-                          sort_keys=True)
+        text = json.dumps({k: (v.model_dump(exclude=exclude.get(k)) if isinstance(v, BaseModel) else v)
+                           for k, v in payload.items()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

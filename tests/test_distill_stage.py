@@ -99,3 +99,25 @@ def test_teacher_cache_serves_repeated_inputs_and_is_off_with_random_crops(with_
     assert "teacher cache off: augmentation 'crop-flip'" in result.stderr and "teacher cache after" not in result.stderr
     meta = json.loads((tmp_path / "crop" / "student" / "metrics.json").read_text())
     assert meta["arch"]["teacher"]["cache"] is None
+
+
+def test_the_teachers_precision_is_a_setting_in_the_fingerprint(with_teacher, stripes_root, tmp_path):
+    """No timing probe decides the teacher's arithmetic: auto is fp32 on a CPU (the fingerprint of runs made before
+    the setting existed), an explicit bf16 is recorded and makes another distillation."""
+    import torch
+
+    from pipeline.stages.distill import teacher_precision
+
+    assert teacher_precision("auto", torch.device("cpu")) == "fp32"
+    run_dir = clone_run(with_teacher, tmp_path / "run")
+    common = ["distill", "--student", "shufflenetv2_x0_5", "--method", "kd", "--data-root", str(stripes_root),
+              "--epochs", "1", "--run-dir", str(run_dir), *TINY]
+    result = run_cli(*common)
+    assert result.returncode == 0, result.stderr
+    first = json.loads((run_dir / "student" / "stage.json").read_text())
+    assert first["arch"]["teacher"]["precision"] == "fp32" and "-teacher-" not in first["settings_hash"]
+    result = run_cli(*common, "--teacher-precision", "bf16")
+    assert result.returncode == 0, result.stderr
+    second = json.loads((run_dir / "student" / "stage.json").read_text())
+    assert second["settings_hash"] == first["settings_hash"] + "-teacher-bf16"
+    assert second["arch"]["teacher"]["precision"] == "bf16" and "bf16_top1_agreement" in second["arch"]["teacher"]

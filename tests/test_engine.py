@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +36,7 @@ def test_atomic_save_keeps_old_file_when_write_dies(tmp_path, monkeypatch):
     atomic_save({"epoch": 1}, path)
 
     def dying_save(obj, target):
-        Path(target).write_bytes(b"half a checkpoint")
+        target.write(b"half a checkpoint")  # atomic_save hands torch.save an open file
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", dying_save)
