@@ -304,3 +304,21 @@ def test_sigkill_during_export_then_rerun_gives_the_same_files(tiny_run, fashion
         assert (run / "export" / name).read_bytes() == (tiny_run / "export" / name).read_bytes(), name
     assert read_metadata(run / "export" / "openvino" / "model.xml") == read_metadata(tiny_run / "export" / "model.onnx")
     assert run_cli("verify", str(run / "export")).returncode == 0
+
+
+def test_a_planted_link_at_a_temporary_name_is_never_written_through(tmp_path):
+    """Temporary files get unpredictable names, created exclusively: a link planted where the old fixed name
+    (`.NAME.tmp-PID`) pointed elsewhere is left alone, and so is its target."""
+    import torch
+
+    from pipeline.training.checkpoint import atomic_save
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for guess in (f".model.pt.tmp-{os.getpid()}", ".model.pt.tmp", "model.pt.tmp"):
+        (folder / guess).symlink_to(victim)
+    atomic_save({"w": torch.ones(2)}, folder / "model.pt")
+    assert victim.read_text() == "keep me"
+    assert torch.load(folder / "model.pt", weights_only=True)["w"].sum() == 2
