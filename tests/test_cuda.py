@@ -31,17 +31,17 @@ def test_training_on_cuda(tmp_path, precision):
 
 
 def test_fp16_on_cpu_is_refused():
-    from pipeline.training.engine import choose_precision
     from pipeline.errors import BadInputError
+    from pipeline.training.engine import choose_precision
 
     with pytest.raises(BadInputError, match="fp16 is only supported on CUDA"):
         choose_precision("fp16", nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), DistContext())
 
 
 def _tiny_variant(tmp_path):
+    from exporters.latency import Variant
     from exporters.onnx import export_onnx
     from models import build_model
-    from exporters.latency import Variant
 
     model, _, _ = build_model("shufflenetv2_x0_5", 10, 32, role="student")
     model.eval()

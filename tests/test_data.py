@@ -9,8 +9,13 @@ import torch
 from PIL import Image
 
 import pipeline.training.data as data
-from pipeline.training.data import BatchPreprocessor, load_dataset, read_idx, stratified_subset
 from pipeline.errors import BadInputError
+from pipeline.training.data import (
+    BatchPreprocessor,
+    load_dataset,
+    read_idx,
+    stratified_subset,
+)
 from tests.conftest import make_stripes, write_idx
 
 

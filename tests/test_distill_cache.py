@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from pipeline.config import StudentConfig
-from pipeline.training.data import BatchPreprocessor
 from pipeline.stages.distill import make_teacher_cache
+from pipeline.training.data import BatchPreprocessor
 from pipeline.training.tasks import DistillTask
 from pipeline.training.teacher_cache import TeacherOutputCache, input_digests
 from tests.test_kdiffusion import swin_kdiffusion_task

@@ -11,11 +11,11 @@ from models.registry import ModelSpec
 from models.reparam import build_multibranch_student, distill_points
 from models.taps import TapSpec
 from pipeline.config import resolve_config
+from pipeline.errors import BadInputError
 from pipeline.layout import RunLayout
 from pipeline.stages import StageRun
 from pipeline.stages.distill import run_distill
 from pipeline.training.distributed import DistContext
-from pipeline.errors import BadInputError
 
 NAME = "test_one_point_net"
 

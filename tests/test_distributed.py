@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 # SGD keeps float-rounding differences between 1 and 2 processes at rounding size (Adam would
 # amplify them for parameters whose gradients are near zero); Swin has no BatchNorm, whose
 # statistics are per process by design.
-COMMON = ["teacher", "--teacher", "swin", "--subset", "256", "--eval-subset", "64", "--batch-size", "32",
+COMMON = ["teacher", "--teacher", "swin", "--subset", "128", "--eval-subset", "64", "--batch-size", "32",
           "--epochs", "2", "--precision", "fp32", "--optimizer", "sgd", "--lr", "0.05", "--warmup-epochs", "0",
           "--drop-path", "0", "--seed", "5", "--no-progress"]
 PARAM_TOLERANCE = 1e-4  # max |weight difference| between the 2-process and the 1-process run

@@ -6,14 +6,25 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.training.checkpoint import atomic_save, capture_rng, load_checkpoint, restore_rng
 from pipeline.config import TrainConfig
-from pipeline.training.data import ArrayImages, BatchPreprocessor
-from pipeline.training.distributed import DistContext
-from pipeline.training import engine
-from pipeline.training.engine import choose_precision, fit, lr_factor, pick_precision, read_resume_state
 from pipeline.errors import BadInputError, TrainingDivergedError
 from pipeline.machine import native_bf16
+from pipeline.training import engine
+from pipeline.training.checkpoint import (
+    atomic_save,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+)
+from pipeline.training.data import ArrayImages, BatchPreprocessor
+from pipeline.training.distributed import DistContext
+from pipeline.training.engine import (
+    choose_precision,
+    fit,
+    lr_factor,
+    pick_precision,
+    read_resume_state,
+)
 from pipeline.training.tasks import SupervisedTask
 from tests.conftest import make_stripes
 

@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.fusion import avgpool_kernel, fold_bn, identity_kernel, merge_1x1_kxk, pad_kernel, sum_branches
+from models.fusion import (
+    avgpool_kernel,
+    fold_bn,
+    identity_kernel,
+    merge_1x1_kxk,
+    pad_kernel,
+    sum_branches,
+)
 
 FP64_BOUND = 1e-9
 DT = torch.float64

@@ -10,9 +10,9 @@ from torch import nn
 from models import build_model, get_spec
 from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
+from pipeline.methods.kdiffusion import KDiffusion
 from pipeline.stages.distill import setup_feature_method
 from pipeline.training.tasks import DistillTask, FrozenTeacher
-from pipeline.methods.kdiffusion import KDiffusion
 
 
 def _method(m: int, **options) -> KDiffusion:

@@ -8,10 +8,15 @@ import torch
 import torchvision
 from torch import nn
 
+from exporters.equivalence import Tolerances, fusion_checks, gate
 from models import get_spec, model_names
 from models.blocks import BranchConvBN, RepConvBN
-from models.reparam import branch_blocks, build_multibranch_student, distill_points, fuse_model
-from exporters.equivalence import Tolerances, fusion_checks, gate
+from models.reparam import (
+    branch_blocks,
+    build_multibranch_student,
+    distill_points,
+    fuse_model,
+)
 from pipeline.errors import GateFailedError
 
 STUDENTS = model_names("student")

@@ -12,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import ROOT, kill_when_written, run_cli, tree_digest
 
@@ -54,6 +55,7 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     assert old.returncode == 0, old.stderr
     assert _actions(run) == {name: "ran" for name in STAGES}
     before = {k: v for k, v in tree_digest(run).items() if k.split("/")[0] in STAGES[:-1] or k == "config.yaml"}
+    old_config_text = (run / "config.yaml").read_text()
 
     new = run_cli(*_args(run, stripes_root))
     assert new.returncode == 0, new.stderr
@@ -62,8 +64,12 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     rerun = {"export", "report"}
     assert _actions(run) == {name: "ran" if name in rerun else "skipped" for name in STAGES}
     after = tree_digest(run)
-    kept = {k: v for k, v in before.items() if k.split("/")[0] not in rerun}
-    assert {k: after[k] for k in kept} == kept  # nothing else rewritten, config.yaml included
+    kept = {k: v for k, v in before.items() if k.split("/")[0] not in rerun and k != "config.yaml"}
+    assert {k: after[k] for k in kept} == kept  # nothing else rewritten
+    # config.yaml says the same settings, plus those added since (written out with their defaults)
+    old_config, new_config = yaml.safe_load(old_config_text), yaml.safe_load((run / "config.yaml").read_text())
+    assert new_config["student"].pop("teacher_precision") == "auto"
+    assert new_config == old_config
 
 
 def test_an_interrupted_old_run_resumes(old_checkout, stripes_root, tmp_path):
