@@ -132,7 +132,7 @@ def decode_image(path: Path, size: int) -> torch.Tensor:
     except InputError as exc:
         reason = str(exc).split(": ", 1)[-1]
         raise BadInputError(f"corrupt or unreadable image file {path}: {reason}") from None
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)  # a writable copy of what Pillow decoded
 
 
 # --------------------------------------------------------------------------- readers
