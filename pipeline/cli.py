@@ -389,7 +389,6 @@ def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
 @handle_errors
 def export(run_dir: str, formats: str | None, data_root: str | None, verify: bool, **params: Any) -> None:
     """Export the fused student to ONNX and OpenVINO IR, gated on equivalence; writes RUN_DIR/export/."""
-    from pipeline.config import PipelineConfig
     from pipeline.stages.export import export_settings, parse_formats, run_export
 
     if formats is not None:
@@ -397,7 +396,7 @@ def export(run_dir: str, formats: str | None, data_root: str | None, verify: boo
     section = _section(ExportConfig, params, "formats", "opset", "exporter", "images", "fp32_tol",
                        "min_top1_agreement")
     with writing(run_dir) as layout:
-        run_export(layout, export_settings(PipelineConfig(export=section)), data_root, verify_only=verify)
+        run_export(layout, export_settings(section), data_root, verify_only=verify)
 
 
 @main.command()
@@ -415,9 +414,8 @@ def export(run_dir: str, formats: str | None, data_root: str | None, verify: boo
 def bench(run_dir: str, **params: Any) -> None:
     """Latency of the fused, unfused and stock student per backend and device; writes RUN_DIR/bench/."""
     from exporters.latency import BACKENDS
-    from pipeline.config import PipelineConfig
     from pipeline.errors import parse_list
-    from pipeline.stages.bench import bench_budget, format_table, parse_batch_sizes, parse_devices, run_bench
+    from pipeline.stages.bench import format_table, parse_batch_sizes, parse_devices, run_configured_bench
     from pipeline.training.checkpoint import read_json
 
     if params["backends"] is not None:
@@ -430,8 +428,7 @@ def bench(run_dir: str, **params: Any) -> None:
     b = _section(BenchConfig, params, "backends", "device", "batch_sizes", "threads", "warmup", "iterations",
                  "duration")
     with writing(run_dir) as layout:
-        run_bench(layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
-                  bench_budget(PipelineConfig(bench=b)))
+        run_configured_bench(layout, b, reuse=False)
     click.echo(format_table(read_json(layout.bench.latency)))
 
 
@@ -479,11 +476,11 @@ def verify(path: str, as_json: bool) -> None:
 
     from exporters.verify import MANIFEST, verify_export
 
-    folder = Path(path)
-    if not (folder / MANIFEST).exists() and (folder / "export" / MANIFEST).exists():
-        from pipeline.layout import RunLayout
+    from pipeline.layout import RunLayout
 
-        folder = RunLayout(folder).export.path
+    folder, run = Path(path), RunLayout(path)
+    if not (folder / MANIFEST).exists() and run.export.manifest.exists():
+        folder = run.export.path
     report = verify_export(folder)
     if as_json:
         click.echo(json.dumps(report))

@@ -103,7 +103,9 @@ class Manifest:
             record = read_json(folder.marker) or {}
             entry["settings_hash"] = record.get("settings_hash")
             entry["inputs"] = self._hashes(spec.inputs(self.layout))
-            entry["outputs"] = self._hashes([folder / out for out in record.get("outputs", [])])
+            recorded = record.get("output_sha256", {})  # hashed when the stage finished (older records: none)
+            entry["outputs"] = {self.layout.relative(folder / out): (recorded.get(out) or file_sha256(folder / out))
+                                if (folder / out).is_file() else None for out in record.get("outputs", [])}
             entry.pop("error", None)
         self.save()
 

@@ -19,6 +19,7 @@ import torch
 from exporters.formats import IR_FILE, ONNX_FILE
 from exporters.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
 from models import build_model
+from pipeline.config import BenchConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout
 from pipeline.machine import machine_info, usable_cores
@@ -129,15 +130,14 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bench_budget(cfg: Any) -> Budget:
-    b = cfg.bench
-    return Budget(threads=b.threads or usable_cores(), warmup=b.warmup, iterations=b.iterations, duration=b.duration)
+def run_configured_bench(layout: RunLayout, b: BenchConfig, reuse: bool) -> dict[str, Any]:
+    """The measurement the config's ``bench`` section describes (`pipeline bench` and `pipeline run` alike)."""
+    budget = Budget(threads=b.threads or usable_cores(), warmup=b.warmup, iterations=b.iterations, duration=b.duration)
+    return run_bench(layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes), budget, reuse=reuse)
 
 
 def run_bench_stage(run: StageRun) -> dict[str, Any]:
-    b = run.cfg.bench
-    return run_bench(run.layout, tuple(b.backends), parse_devices(b.device), tuple(b.batch_sizes),
-                     bench_budget(run.cfg), reuse=True)
+    return run_configured_bench(run.layout, run.cfg.bench, reuse=True)
 
 
 STAGE = StageSpec(name="bench", folder=lambda layout: layout.bench, run=run_bench_stage,

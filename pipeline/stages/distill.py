@@ -108,7 +108,7 @@ def make_teacher_cache(s: StudentConfig, augment: str) -> TeacherOutputCache | N
     return TeacherOutputCache(s.teacher_cache_mb * 2**20, getattr(torch, s.teacher_cache_dtype))
 
 
-def distill_settings_hash(cfg: PipelineConfig, teacher_ckpt: Path | None, precision: str = "fp32") -> str:
+def distill_settings_hash(cfg: PipelineConfig, teacher_sha256: str | None, precision: str = "fp32") -> str:
     """The stage's fingerprint: seed, data and student settings, the teacher's weights (another teacher means
     another distillation) and the teacher's precision. The precision enters only when it is not fp32, so runs made
     before it was a setting (fp32 on CPUs) keep their fingerprint."""
@@ -116,9 +116,9 @@ def distill_settings_hash(cfg: PipelineConfig, teacher_ckpt: Path | None, precis
                                               "data": data_settings(cfg), "student": cfg.student.model_dump()})
     settings_hash = settings.section_hash("seed", "deterministic", "data", "student",
                                           exclude={"student": {"teacher_precision"}})
-    if teacher_ckpt is None:
+    if teacher_sha256 is None:
         return settings_hash
-    settings_hash += "-" + file_sha256(teacher_ckpt)[:16]
+    settings_hash += "-" + teacher_sha256[:16]
     return settings_hash if precision == "fp32" else f"{settings_hash}-teacher-{precision}"
 
 
@@ -130,8 +130,10 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     ckpt = (Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model) if method_cls.needs_teacher else None
     stage = Stage(run.layout.student, "student")
     precision = teacher_precision(s.teacher_precision, ctx.device)
-    if ckpt is None or ckpt.is_file():  # a missing teacher is reported below, with what to run
-        done = stage.skip_if_finished(distill_settings_hash(cfg, ckpt, precision))
+    teacher_sha = file_sha256(ckpt) if ckpt is not None and ckpt.is_file() else None
+    settings_hash = distill_settings_hash(cfg, teacher_sha, precision)
+    if ckpt is None or teacher_sha is not None:  # a missing teacher is reported below, with what to run
+        done = stage.skip_if_finished(settings_hash)
         if done is not None:
             return done
     seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
@@ -149,8 +151,7 @@ def run_distill(run: StageRun) -> dict[str, Any]:
         teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"), "model": teacher_meta["arch"]["name"],
                         **describe_teacher_precision(teacher_model, sample, ctx.device, precision)}
         teacher = FrozenTeacher(teacher_model, teacher_info["precision"], get_spec(teacher_info["model"]).taps)
-        teacher_info["sha256"] = file_sha256(ckpt)
-    settings_hash = distill_settings_hash(cfg, ckpt, precision)
+        teacher_info["sha256"] = teacher_sha
     points = arch["multibranch"]["distill_points"]
     if method.uses_features:  # feature methods (all of which need a teacher)
         setup_feature_method(method, model, teacher, points, s.m, sample)

@@ -22,6 +22,7 @@ from exporters import metadata as md
 from exporters.equivalence import Comparison, Tolerances, compare_runner, gate, judge
 from exporters.formats import ONNX_FILE, ExportFormat, ExportJob, format_names, get_format, with_requirements
 from exporters.verify import check_hashes, read_manifest
+from pipeline.config import ExportConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
 from pipeline.stages.base import Stage, StageRun, StageSpec
@@ -94,10 +95,10 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     info = fused_info(layout)
     stage = Stage(layout.export, "export")
     fused_sha = file_sha256(layout.fused.model)
-    size = info["input_size"][-1]
+    size, dataset = info["input_size"][-1], dataset_of(layout, info)
     meta = md.build(info, input_name=INPUT_NAME, output_name=OUTPUT_NAME, source_sha256=fused_sha,
                     config_sha256=file_sha256(layout.config) if layout.config.exists() else None,
-                    preprocessing=preprocessing_spec(dataset_of(layout, info), size, info["mean"], info["std"]))
+                    preprocessing=preprocessing_spec(dataset, size, info["mean"], info["std"]))
     settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
     to_write = with_requirements(settings.formats)
     done = None if verify_only else stage.finished(settings_hash)
@@ -116,7 +117,7 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
             raise BadInputError(f"nothing to verify: {stage.folder / missing[0]} does not exist; run `pipeline export`")
         check_hashes(stage.dir, read_manifest(stage.dir))
 
-    images = held_out({"dataset": dataset_of(layout, info), "image_size": info["input_size"][-1]},
+    images = held_out({"dataset": dataset, "image_size": size},
                       data_root, settings.images)[0]
     gated, reported = gate_artifacts(model, stage.folder, settings.formats, images, settings.tolerances)
     log_comparisons(gated, enforced=True)
@@ -169,15 +170,14 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
     }
 
 
-def export_settings(cfg: Any) -> ExportSettings:
+def export_settings(e: ExportConfig) -> ExportSettings:
     """The export stage's settings from the config's ``export`` section."""
-    e = cfg.export
     return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
                           Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement))
 
 
 def run_export_stage(run: StageRun) -> dict[str, Any]:
-    return run_export(run.layout, export_settings(run.cfg), run.cfg.data.data_root)
+    return run_export(run.layout, export_settings(run.cfg.export), run.cfg.data.data_root)
 
 
 STAGE = StageSpec(name="export", folder=lambda layout: layout.export, run=run_export_stage,

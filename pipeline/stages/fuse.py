@@ -25,16 +25,15 @@ log = logging.getLogger(__name__)
 def run_fuse(layout: RunLayout, tol: Tolerances, data_root: str | None = None, images: int = 256) -> dict[str, Any]:
     """Fuse and gate; skipped when the fused model of this very student with these settings exists."""
     stage = Stage(layout.fused, "fused")
-    if layout.student.model.is_file():  # else load_student says what to run first
-        settings_hash = settings_digest({"tolerances": vars(tol), "images": images,
-                                         "student": file_sha256(layout.student.model)})
-        done = stage.finished(settings_hash)
-        if done is not None:
-            log.info("fuse: the fused model of this student is up to date; skipping")
-            return done
-    model, meta = load_student(layout)
+    student = layout.student.model
+    # without the student file there is nothing to fingerprint: load_student below says what to run first
     settings_hash = settings_digest({"tolerances": vars(tol), "images": images,
-                                     "student": file_sha256(layout.student.model)})
+                                     "student": file_sha256(student) if student.is_file() else None})
+    done = stage.finished(settings_hash)
+    if done is not None:
+        log.info("fuse: the fused model of this student is up to date; skipping")
+        return done
+    model, meta = load_student(layout)
     real = held_out(meta, data_root, images)[0]
     checks = fusion_checks(model, fuse_model, real, meta["image_size"], tol)
     report = {"passed": all(c.passed for c in checks), "tolerances": vars(tol),
