@@ -1,80 +1,136 @@
-"""Distillation methods side by side: one cached teacher, every method at an identical student budget.
+"""Distillation methods compared under one tuning protocol, with paired seeds and 95% intervals.
 
-Drives the real CLI (`python -m pipeline distill ... --teacher-ckpt T`) for every method (none, kd, dkd,
-fitnet, at, kdiffusion) with several seeds, plus the KDiffusion ablation rows, and prints a table of
-mean +- std last-epoch test top-1, its difference to the student alone paired by seed (same initial
-weights and batch order), and the epoch time relative to the student-alone epoch time (each run's own
-metrics.jsonl), next to the teacher's top-1.
+The protocol, the same for every method (none of them gets more tuning than another):
 
-    OMP_NUM_THREADS=1 python benchmarks/kd_methods.py --teacher-ckpt /tmp/bench/swin/ours/teacher/model.pt
+1. **Teacher.** Trained once on the whole training split and cached (or ``--teacher-ckpt``).
+2. **Tune.** Each method's grid (at most ``--max-settings`` settings, listed in ``GRIDS``) is trained with one
+   seed and scored on a validation split carved from the training data (``--validation`` images, the same for
+   every run; never the test split). The best last-epoch validation top-1 wins; ties go to the earlier setting.
+3. **Test.** Each method's chosen setting is trained with ``--seeds`` seeds and scored on the test split.
+4. **Ablations.** KDiffusion's chosen setting with one thing changed at a time, on the same seeds; the rows with
+   another branch count ``m`` are paired with the student alone of that same ``m`` (the multi-branch network
+   trains differently with each ``m``).
 
-Without --teacher-ckpt the teacher is trained once (`pipeline teacher`, Swin-T on Fashion-MNIST at 32x32)
-and cached under --out keyed by its settings. Every student run is cached under --out keyed by its full
-command line: a rerun with the same settings trains nothing and just prints (the epoch times then are
-those of the invocation that trained each run). --results FILE also writes the table as markdown.
+The table gives mean +- std of the last-epoch test top-1, the difference to the student alone and to KD paired
+by seed (a seed fixes the initial weights, the training subset and the batch order) with a 95% t-interval, and
+the epoch time relative to the student alone. Each run is the real CLI (``python -m pipeline distill``) in a
+subprocess, cached under ``--out`` by its full command line, so a rerun trains only what is missing.
+
+    python benchmarks/kd_methods.py --out ~/.cache/kdm --jobs 2 --results benchmarks/results/DATE-kd-methods.md
+
+``--scale tiny`` runs the whole protocol in about a minute (the test suite does); ``--device cuda`` with
+``--scale paper`` is the GPU version (full data, more epochs, larger inputs).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The teacher benchmarks/teacher_swin.py settled on (its "ours" run), spelled out so the key stays stable.
-TEACHER_FLAGS = ["--teacher", "swin", "--image-size", "32", "--epochs", "4", "--lr", "5e-4", "--batch-size", "128",
-                 "--warmup-epochs", "0.3", "--grad-clip", "1.0", "--drop-path", "0.0", "--label-smoothing", "0.0",
-                 "--augment", "flip", "--precision", "auto"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The regime: teacher recipe, student budget and split sizes."""
+
+    teacher: tuple[str, ...]
+    image_size: int
+    subset: int
+    validation: int
+    epochs: int
+    batch_size: int
+    eval_subset: int | None = None
+
+
+SCALES = {
+    # 2 CPU cores: a ResNet-34 teacher on all 60k images at 48x48 (every distillation point keeps a 2x2 map, where
+    # 32x32 leaves 1x1), students on 4k labelled images to convergence, a few minutes per run.
+    "cpu": Scale(teacher=("--teacher", "resnet34", "--epochs", "2", "--batch-size", "128", "--lr", "2e-3",
+                          "--weight-decay", "0.05", "--warmup-epochs", "0.2", "--augment", "flip"),
+                 image_size=48, subset=4000, validation=5000, epochs=10, batch_size=64),
+    # one GPU, <= 10 minutes: a Swin-T teacher at 64x64 on all data, students on 10k images at 64x64.
+    "paper": Scale(teacher=("--teacher", "swin", "--epochs", "8", "--batch-size", "256", "--lr", "1e-3",
+                            "--augment", "flip"),
+                   image_size=64, subset=10000, validation=5000, epochs=30, batch_size=128),
+    # the test suite's: the whole protocol on a few hundred images in about a minute.
+    "tiny": Scale(teacher=("--teacher", "resnet34", "--epochs", "1", "--batch-size", "64", "--augment", "flip",
+                           "--subset", "320", "--eval-subset", "64"),
+                  image_size=32, subset=160, validation=64, epochs=1, batch_size=32, eval_subset=64),
+}
+
+
+def option_flags(**options: object) -> list[str]:
+    return [a for key, value in options.items() for a in ("--method-option", f"{key}={value}")]
+
+
+# Each method's tuning grid: the same budget, four settings, around the published defaults (the weights' useful
+# range differs per method: it is the scale of each loss that differs).
+GRIDS: dict[str, list[list[str]]] = {
+    "none": [[]],
+    "kd": [option_flags(temperature=t, alpha=a) for t in (2, 4) for a in (0.5, 0.9)],
+    "dkd": [option_flags(beta=b) for b in (1, 2, 4, 8)],
+    "fitnet": [option_flags(beta=b) for b in (0.3, 1, 3, 10)],
+    "at": [["--points", "multi", *option_flags(beta=b)] for b in (100, 300, 1000, 3000)],
+    "pkt": [option_flags(beta=b) for b in (300, 1000, 3000, 10000)],
+    "sp": [option_flags(beta=b) for b in (30, 100, 300, 1000)],
+    "rkd": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
+    "vid": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
+    "kdiffusion": [*(option_flags(lambda_diff=lam) for lam in (0.1, 1, 10)),
+                   option_flags(lambda_diff=1, variance="learned")],
+}
+
+
+def ablations(chosen: list[str]) -> dict[str, list[str]]:
+    """KDiffusion's chosen flags with one thing changed (an option given twice: the CLI keeps the last)."""
+    change = {
+        "chain=reduced": option_flags(chain="reduced"),  # running means against the clean teacher
+        "variance=" + ("fixed" if "variance=learned" in chosen else "learned"):
+            option_flags(variance="fixed" if "variance=learned" in chosen else "learned"),
+        "shuffle=off": option_flags(shuffle="false"),
+        "weights=snr": option_flags(weights="snr"),
+        "weights=last": option_flags(weights="last"),
+        "guided=on": option_flags(guided="true"),
+        "normalize_teacher=on": option_flags(normalize_teacher="true"),
+        "points=multi": ["--points", "multi"],
+    }
+    rows = {label: [*chosen, *flags] for label, flags in change.items()}
+    rows.update({f"m={m}": [*chosen, "--branches", str(m)] for m in (1, 2, 8)})
+    return rows
 
 
 @dataclass
-class Row:
-    """One table row: a method with its options, trained with each of ``seeds``."""
-
-    label: str
+class Run:
     method: str
-    flags: list[str] = field(default_factory=list)
-    group: str = "main"
-
-
-def rows() -> list[Row]:
-    kdiff = "kdiffusion"
-    opt = lambda *pairs: [a for p in pairs for a in ("--method-option", p)]  # noqa: E731
-    main = [Row("student alone", "none"), Row("KD", "kd"), Row("DKD", "dkd"), Row("FitNet", "fitnet"),
-            # at the single point both maps are 1x1 at 32x32, where attention transfer is identically zero
-            Row("AT (points=multi)", "at", ["--points", "multi"]), Row("KDiffusion (m=4)", kdiff)]
-    ablation = [Row(f"KDiffusion m={m}", kdiff, ["--branches", str(m)], "ablation") for m in (1, 2, 8)] + [
-        Row("KDiffusion shuffle off", kdiff, opt("shuffle=false"), "ablation"),
-        Row("KDiffusion weights=uniform", kdiff, opt("weights=uniform"), "ablation"),
-        Row("KDiffusion weights=last", kdiff, opt("weights=last"), "ablation"),
-        Row("KDiffusion guided off", kdiff, opt("guided=false"), "ablation"),
-        Row("KDiffusion teacher normalisation off", kdiff, opt("normalize_teacher=false"), "ablation"),
-        Row("KDiffusion points=multi", kdiff, ["--points", "multi"], "ablation"),
-    ]
-    return main + ablation
+    flags: list[str]
+    seed: int
+    tuning: bool  # scored on the validation split
+    metrics: dict = field(default_factory=dict)
 
 
 def key(parts: list[str]) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
-def cli(args: list[str], log_path: Path) -> None:
-    """One pipeline command in a subprocess (1 thread unless OMP_NUM_THREADS says otherwise), logged to a file."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [sys.executable, "-m", "pipeline", *args]
-    print("$", " ".join(cmd), flush=True)
+def cli(args: list[str], log_path: Path, threads: int) -> None:
+    """One pipeline command in a subprocess, logged to a file."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        done = subprocess.run([sys.executable, "-m", "pipeline", *args], stdout=log, stderr=subprocess.STDOUT,
+                              env=env, cwd=ROOT)
     if done.returncode:
-        sys.exit(f"command failed ({done.returncode}), see {log_path}")
+        raise SystemExit(f"command failed ({done.returncode}): pipeline {' '.join(args)}; see {log_path}")
 
 
 def finished(stage_dir: Path) -> bool:
@@ -82,155 +138,233 @@ def finished(stage_dir: Path) -> bool:
     return marker.is_file() and json.loads(marker.read_text()).get("status") == "complete"
 
 
-def teacher_checkpoint(args: argparse.Namespace) -> Path:
-    if args.teacher_ckpt:
-        return Path(args.teacher_ckpt)
-    run_dir = args.out / f"teacher-{key(TEACHER_FLAGS)}"
-    if not finished(run_dir / "teacher"):
-        cli(["teacher", "--run-dir", str(run_dir), "--no-progress", *TEACHER_FLAGS], run_dir / "log.txt")
-    return run_dir / "teacher" / "model.pt"
+class Protocol:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.scale = args, SCALES[args.scale]
+        self.out: Path = args.out
+
+    # ---------------------------------------------------------------------------------------------- runs
+
+    def common(self) -> list[str]:
+        s, a = self.scale, self.args
+        flags = ["--image-size", str(s.image_size), "--augment", "flip", "--precision", "fp32", "--no-progress",
+                 "--device", a.device]
+        return flags + (["--data-root", a.data_root] if a.data_root else [])
+
+    def teacher(self) -> Path:
+        if self.args.teacher_ckpt:
+            return Path(self.args.teacher_ckpt)
+        flags = [*self.scale.teacher, *self.common()]
+        run_dir = self.out / f"teacher-{key(flags)}"
+        if not finished(run_dir / "teacher"):
+            cli(["teacher", "--run-dir", str(run_dir), *flags], run_dir / "log.txt", self.args.threads * self.args.jobs)
+        return run_dir / "teacher" / "model.pt"
+
+    def student_flags(self, run: Run, teacher: Path) -> list[str]:
+        s = self.scale
+        split = ["--validation", str(s.validation)] if run.tuning else (
+            ["--eval-subset", str(s.eval_subset)] if s.eval_subset else [])
+        flags = [*self.common(), "--student", self.args.student, "--subset", str(s.subset), "--epochs",
+                 str(s.epochs), "--batch-size", str(s.batch_size), *split, "--seed", str(run.seed),
+                 "--method", run.method, *run.flags]
+        return flags + (["--teacher-ckpt", str(teacher)] if run.method != "none" else [])
+
+    def train(self, run: Run, teacher: Path) -> Run:
+        flags = self.student_flags(run, teacher)
+        stat = teacher.stat() if run.method != "none" else None
+        run_dir = self.out / "runs" / f"{run.method}-{key(flags + [f'{stat.st_size}-{int(stat.st_mtime)}' if stat else ''])}"
+        stage = run_dir / "student"
+        if not finished(stage):
+            print(f"$ pipeline distill {' '.join(flags)}", flush=True)
+            cli(["distill", "--run-dir", str(run_dir), *flags], run_dir / "log.txt", self.args.threads)
+        run.metrics = json.loads((stage / "metrics.json").read_text())
+        run.metrics["history"] = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+        return run
+
+    def train_all(self, runs: list[Run], teacher: Path) -> list[Run]:
+        with ThreadPoolExecutor(self.args.jobs) as pool:
+            return list(pool.map(lambda r: self.train(r, teacher), runs))
+
+    # ---------------------------------------------------------------------------------------------- phases
+
+    def tune(self, methods: list[str], teacher: Path) -> dict[str, tuple[list[str], list[tuple[list[str], float]]]]:
+        """Each method's grid on the validation split (seed 0): (chosen flags, [(flags, validation top-1)])."""
+        grid = [Run(m, flags, 0, tuning=True) for m in methods for flags in GRIDS[m][:self.args.max_settings]]
+        done = self.train_all(grid, teacher)
+        chosen = {}
+        for method in methods:
+            scored = [(r.flags, r.metrics["top1"]) for r in done if r.method == method]
+            best = max(scored, key=lambda fs: fs[1])  # max keeps the first of equal scores
+            chosen[method] = (best[0], scored)
+        return chosen
+
+    def test(self, rows: dict[str, tuple[str, list[str]]], teacher: Path) -> dict[str, list[Run]]:
+        runs = {label: [Run(method, flags, seed, tuning=False) for seed in range(self.args.seeds)]
+                for label, (method, flags) in rows.items()}
+        self.train_all([r for group in runs.values() for r in group], teacher)
+        return runs
 
 
-def student_flags(args: argparse.Namespace) -> list[str]:
-    """The identical budget every method gets (everything but the method, its options and the seed)."""
-    return ["--student", args.student, "--image-size", "32", "--subset", str(args.subset), "--epochs",
-            str(args.epochs), "--batch-size", str(args.batch_size), "--augment", args.augment, "--precision",
-            "fp32", "--no-progress"]
+# -------------------------------------------------------------------------------------------------- statistics
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def run_flags(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> list[str]:
-    flags = [*student_flags(args), "--method", row.method, *row.flags, "--seed", str(seed)]
-    return flags + (["--teacher-ckpt", str(teacher)] if row.method != "none" else [])
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (0 half-width for one value: no interval)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def run_dir_of(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> Path:
-    """Each run's folder, keyed by its full command line and the teacher file."""
-    return args.out / "runs" / f"{row.method}-{key(run_flags(row, seed, teacher, args) + [teacher_digest(teacher)])}"
+def paired(runs: list[Run], reference: list[Run]) -> list[float]:
+    by_seed = {r.seed: r.metrics["top1"] for r in reference}
+    return [r.metrics["top1"] - by_seed[r.seed] for r in runs if r.seed in by_seed]
 
 
-def run_student(row: Row, seed: int, teacher: Path, args: argparse.Namespace) -> dict:
-    """Train (or find cached) one student; returns its metrics.json plus the per-epoch history."""
-    flags = run_flags(row, seed, teacher, args)
-    run_dir = run_dir_of(row, seed, teacher, args)
-    stage = run_dir / "student"
-    if not finished(stage):
-        cli(["distill", "--run-dir", str(run_dir), *flags], run_dir / "log.txt")
-    metrics = json.loads((stage / "metrics.json").read_text())
-    metrics["history"] = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    metrics["seed"] = seed
-    return metrics
+def shown(values: list[float]) -> str:
+    mean, half = interval(values)
+    if math.isnan(half):
+        return f"{mean:+.2f}"
+    beyond = " *" if abs(mean) > half else ""
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]{beyond}"
 
 
-def teacher_digest(path: Path) -> str:
-    """Size and mtime: enough to key runs by the teacher file without hashing 110 MB each time."""
-    stat = path.stat()
-    return f"{stat.st_size}-{int(stat.st_mtime)}"
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}"
-
-
-def epoch_time(metrics: dict) -> float:
-    return statistics.mean(r["epoch_time_s"] for r in metrics["history"])
+def epoch_time(run: Run) -> float:
+    return statistics.mean(h["epoch_time_s"] for h in run.metrics["history"])
 
 
 def machine_note() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), []) if Path("/proc/cpuinfo").exists() else []
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores (shared), torch {torch.__version__}, "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, load average at the end "
-            f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return (f"{cpu}, {os.cpu_count()} cores, ISA {' '.join(isa) or '-'}, torch {torch.__version__}, load average "
+            f"at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def last_epochs_change(run: Run) -> float:
+    """How much the last two epochs moved test top-1 (a converged run moves little)."""
+    history = [h["test_top1"] for h in run.metrics["history"] if "test_top1" in h]
+    return abs(history[-1] - history[-2]) if len(history) >= 2 else float("nan")
+
+
+def map_sizes(run: Run) -> str:
+    pairs = run.metrics.get("arch", {}).get("feature_pairs") or []
+    return ", ".join(f"{p['student']} {'x'.join(map(str, p['student_shape'][1:]))} <- {p['teacher']} "
+                     f"{'x'.join(map(str, p['teacher_shape'][1:]))}" for p in pairs) or "-"
+
+
+def table(rows: dict[str, tuple[str, list[str]]], runs: dict[str, list[Run]], alone_of: dict[str, str]) -> list[str]:
+    lines = ["| row | method | setting | seeds | test top-1 (%) | vs student alone (paired, 95% CI) | "
+             "vs KD (paired, 95% CI) | epoch time vs alone | last-epoch change |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, (method, flags) in rows.items():
+        group, alone = runs[label], runs[alone_of[label]]
+        top1 = [r.metrics["top1"] for r in group]
+        spread = f"{statistics.mean(top1):.2f} +- {statistics.stdev(top1):.2f}" if len(top1) > 1 else f"{top1[0]:.2f}"
+        vs_kd = shown(paired(group, runs["KD"])) if "KD" in runs and label != "KD" else "-"
+        setting = " ".join(flags).replace("--method-option ", "") or "-"
+        ratio = statistics.mean(epoch_time(r) for r in group) / statistics.mean(epoch_time(r) for r in alone)
+        change = statistics.mean(last_epochs_change(r) for r in group)
+        lines.append(f"| {label} | {method} | {setting} | {len(group)} | {spread} | "
+                     f"{shown(paired(group, alone)) if label != alone_of[label] else '-'} | {vs_kd} | "
+                     f"{ratio:.2f}x | {change:.2f} |")
+    return lines
+
+
+def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
+              ) -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
+    """The test-phase rows (label -> (method, flags)) and, for each, the label of the student-alone row it is
+    paired with: the one with the same branch count ``m``."""
+    rows = {LABELS[m]: (m, flags) for m, flags in chosen.items()}
+    alone_of = {label: "student alone" for label in rows}
+    if "kdiffusion" in chosen:
+        variants = ablations(chosen["kdiffusion"])
+        unknown = sorted(set(ablation_labels) - set(variants) - {"all", "variance"})
+        if unknown:
+            raise SystemExit(f"unknown ablation(s) {', '.join(unknown)}; valid: all, {', '.join(variants)}")
+        for label, flags in variants.items():
+            wanted = label in ablation_labels or (label.startswith("variance=") and "variance" in ablation_labels)
+            if "all" not in ablation_labels and not wanted:
+                continue
+            rows[f"KDiffusion {label}"] = ("kdiffusion", flags)
+            alone_of[f"KDiffusion {label}"] = "student alone"
+            if "--branches" in flags:
+                m = flags[flags.index("--branches") + 1]
+                rows[f"student alone m={m}"] = ("none", ["--branches", m])
+                alone_of[f"student alone m={m}"] = alone_of[f"KDiffusion {label}"] = f"student alone m={m}"
+    return rows, alone_of
+
+
+LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet", "at": "AT", "pkt": "PKT",
+          "sp": "SP", "rkd": "RKD", "vid": "VID", "kdiffusion": "KDiffusion"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher-ckpt", help="a finished teacher's model.pt (default: train and cache one)")
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "kdiff-pipeline" / "kd-methods")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--teacher-ckpt", help="a finished teacher's model.pt (default: train and cache one)")
+    parser.add_argument("--data-root", help="dataset folder (default: the pipeline's)")
     parser.add_argument("--student", default="shufflenetv2_x0_5")
-    parser.add_argument("--subset", type=int, default=8000, help="training images (stratified)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--augment", default="flip")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds of the main rows")
-    parser.add_argument("--ablation-seeds", type=int, default=1, help="seeds of the ablation rows")
-    parser.add_argument("--groups", default="main,ablation",
-                        help="row groups to train, e.g. 'ablation' for a second process beside one doing 'main'")
-    parser.add_argument("--rows", help="only these row labels (comma-separated), e.g. to add seeds to a few rows")
-    parser.add_argument("--budget-minutes", type=float, default=0,
-                        help="start no new run after this many minutes (0 = no limit); skipped runs are listed")
-    parser.add_argument("--results", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--methods", default="none,kd,dkd,fitnet,kdiffusion",
+                        help=f"comma-separated, from {','.join(GRIDS)}")
+    parser.add_argument("--max-settings", type=int, default=4, help="tuning budget per method")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--ablations", default="all",
+                        help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run")
+    parser.add_argument("--results", type=Path, help="also write the tables as markdown here")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(GRIDS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(GRIDS)}")
+    if "none" not in methods:
+        methods.insert(0, "none")
     started = time.time()
-    teacher = teacher_checkpoint(args)
+    protocol = Protocol(args)
+    teacher = protocol.teacher()
     teacher_meta = json.loads((teacher.parent / "metrics.json").read_text())
 
-    table = []
-    groups = args.groups.split(",")
-    plan = [r for r in rows() if r.group in groups and (not args.rows or r.label in args.rows.split(","))]
-    alone_row = rows()[0]
-    if alone_row not in plan:  # the ratios need the student-alone runs (those finished are read below)
-        plan.insert(0, alone_row)
-    results: dict[str, list[dict]] = {r.label: [] for r in plan}
-    skipped = []
-    for group, seeds in (("main", args.seeds), ("ablation", args.ablation_seeds)):  # every main seed first
-        if group not in groups:
-            continue
-        for seed in range(seeds):
-            for row in (r for r in plan if r.group == group):
-                if args.budget_minutes and time.time() - started > 60 * args.budget_minutes and \
-                        not finished(run_dir_of(row, seed, teacher, args) / "student"):
-                    skipped.append(f"{row.label} seed {seed}")
-                    continue
-                results[row.label].append(run_student(row, seed, teacher, args))
-    for row in plan:  # also any further seeds already finished (e.g. added to a few rows with --rows)
-        done = {m["seed"] for m in results[row.label]}
-        results[row.label] += [run_student(row, seed, teacher, args) for seed in range(args.seeds) if seed not in done
-                               and finished(run_dir_of(row, seed, teacher, args) / "student")]
-    plan = [r for r in plan if results[r.label]]
+    chosen = protocol.tune(methods, teacher)
+    rows, alone_of = plan_rows({m: chosen[m][0] for m in methods},
+                               [] if args.ablations in ("", "none") else args.ablations.split(","))
+    runs = protocol.test(rows, teacher)
 
-    alone = statistics.mean(epoch_time(m) for m in results["student alone"])
-    for row in plan:
-        runs = results[row.label]
-        top1 = [m["top1"] for m in runs]
-        ratio = statistics.mean(epoch_time(m) for m in runs) / alone
-        first_last = (statistics.mean(m["history"][0]["epoch_time_s"] for m in runs) / alone,
-                      statistics.mean(m["history"][-1]["epoch_time_s"] for m in runs) / alone)
-        alone_by_seed = {m["seed"]: m["top1"] for m in results["student alone"]}
-        deltas = [m["top1"] - alone_by_seed[m["seed"]] for m in runs if m["seed"] in alone_by_seed]
-        table.append((row, len(runs), mean_std(top1), mean_std(deltas) if deltas else "-", ratio, first_last))
-
-    lines = ["| row | method | flags | seeds | last-epoch test top-1 (%) | vs student alone, paired by seed "
-             "(points) | epoch time vs student alone (mean; first / last epoch) |", "|---|---|---|---|---|---|---|"]
-    lines.append(f"| teacher ({teacher_meta['arch']['name']}, {teacher_meta['epochs']} epochs, full data) | - | - "
-                 f"| 1 | {teacher_meta['top1']:.2f} | - | - |")
-    for row, n, shown, delta, ratio, (first, last) in table:
-        flags = " ".join(row.flags).replace("--method-option ", "") or "-"
-        lines.append(f"| {row.label} | {row.method} | {flags} | {n} | {shown} | {delta} | {ratio:.2f}x "
-                     f"({first:.2f}x / {last:.2f}x) |")
-    gap = teacher_meta["top1"] - statistics.mean(m["top1"] for m in results["student alone"])
-    summary = [f"teacher top-1 {teacher_meta['top1']:.2f}%, student alone "
-               f"{statistics.mean(m['top1'] for m in results['student alone']):.2f}%: gap {gap:.2f} points "
-               f"({'>=' if gap >= 2 else 'BELOW'} the 2 points a comparison needs)",
-               f"student-alone epoch: {alone:.1f} s; wall time of this invocation {time.time() - started:.0f} s",
-               f"runs not trained (time budget): {', '.join(skipped) if skipped else 'none'}",
-               f"machine: {machine_note()}"]
-    print("\n" + "\n".join(lines) + "\n\n" + "\n".join(summary))
+    tuning = ["| method | setting | validation top-1 (%) | chosen |", "|---|---|---|---|"]
+    for m in methods:
+        for flags, score in chosen[m][1]:
+            setting = " ".join(flags).replace("--method-option ", "") or "-"
+            tuning.append(f"| {LABELS[m]} | {setting} | {score:.2f} | {'yes' if flags == chosen[m][0] else ''} |")
+    main_rows = table(rows, runs, alone_of)
+    sample = next((r for group in runs.values() for r in group if r.metrics.get("arch", {}).get("feature_pairs")),
+                  None)
+    s = protocol.scale
+    notes = [f"teacher: {teacher_meta['arch']['name']} {teacher_meta['top1']:.2f}% test top-1 "
+             f"({teacher_meta['epochs']} epochs on {teacher_meta.get('train_images', '?')} images)",
+             f"student: {args.student}, {s.subset} labelled images, {s.epochs} epochs, batch {s.batch_size}, "
+             f"{s.image_size}x{s.image_size}, fp32, the student recipe (AdamW 3e-3, wd 0.01, cosine)",
+             f"tuning: <= {args.max_settings} settings per method, seed 0, {s.validation} validation images held out "
+             f"of the training split; test: {args.seeds} seeds on the "
+             f"{'test split' if not s.eval_subset else f'{s.eval_subset}-image test subset'}",
+             f"feature map sizes (C x H x W without C): {map_sizes(sample) if sample else '-'}",
+             "`*`: the 95% interval of the paired difference excludes 0",
+             f"wall time of this invocation {time.time() - started:.0f} s; machine: {machine_note()}"]
+    text = "\n".join(["## Tuning (validation split)", "", *tuning, "", "## Test (chosen settings)", "", *main_rows,
+                      "", *[f"- {n}" for n in notes]])
+    print(text)
     if args.results:
-        command = "OMP_NUM_THREADS=1 python benchmarks/kd_methods.py " + " ".join(sys.argv[1:])
-        settings = " ".join(student_flags(args))
-        args.results.write_text(
-            f"# Distillation methods: {args.student} from a Swin-T teacher on Fashion-MNIST\n\n"
-            f"```bash\n{command}\n```\n\nStudent budget (identical for every row): `{settings}` (default "
-            f"student training recipe otherwise: AdamW lr 3e-3, weight decay 0.01, cosine with 0.3 warm-up epochs); "
-            f"seeds 0..{args.seeds - 1} for the main rows, 0..{args.ablation_seeds - 1} for the ablations "
-            f"(more where the seeds column says so). "
-            f"Top-1 is the last epoch's (not the best) on the full 10,000-image test set.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(f"- {s}" for s in summary) + "\n")
+        command = "python benchmarks/kd_methods.py " + " ".join(sys.argv[1:])
+        args.results.write_text(f"# Distillation methods under one tuning protocol\n\n```bash\n{command}\n```\n\n"
+                                + text + "\n")
         print(f"wrote {args.results}")
 
 

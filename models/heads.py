@@ -1,42 +1,27 @@
-"""The frozen "next part" of a teacher after a feature tap (KDiffusion's target guidance).
+"""The teacher's next linear layer after a feature tap (KDiffusion's target guidance, the poster's eq. (9)).
 
-``next_part(model, tap)`` returns a module mapping that tap's NCHW feature to
-what the teacher computes from it next: the logits for the last stage (Swin:
-final norm, pooling, head; ResNet: pooling, fc), the next stage's NCHW output
-for an intermediate one.
+``next_linear(model, tap)`` returns the frozen ``nn.Linear`` whose weights ``w_t``
+the guidance term applies to a feature: for the last stage, the classifier,
+which reads the spatially averaged feature (Swin: after its final LayerNorm,
+which is not linear and is left out; ResNet: after global pooling). Earlier
+taps feed a whole stage (patch merging or a strided conv block), which has no
+single linear map over the tap's channels: they have no guidance.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models import ResNet, SwinTransformer
 
 from models.errors import ModelError
 
 
-class _ToNHWC(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class _ToNCHW(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
-
-
-def next_part(model: nn.Module, tap: str) -> nn.Module:
+def next_linear(model: nn.Module, tap: str) -> nn.Linear:
     if isinstance(model, SwinTransformer):
-        f = model.features
-        parts = {"stage4": [_ToNHWC(), model.norm, model.permute, model.avgpool, model.flatten, model.head],
-                 "stage3": [_ToNHWC(), f[6], f[7], _ToNCHW()], "stage2": [_ToNHWC(), f[4], f[5], _ToNCHW()],
-                 "stage1": [_ToNHWC(), f[2], f[3], _ToNCHW()]}
+        head = model.head
     elif isinstance(model, ResNet):
-        parts = {"stage4": [model.avgpool, nn.Flatten(1), model.fc], "stage3": [model.layer4],
-                 "stage2": [model.layer3], "stage1": [model.layer2]}
+        head = model.fc
     else:
-        raise ModelError(f"no next-part definition for {type(model).__name__}")
-    if tap == "final":
-        tap = "stage4"
-    if tap not in parts:
-        raise ModelError(f"no next part after tap '{tap}'; valid: {', '.join(sorted(parts))}")
-    return nn.Sequential(*parts[tap])
+        raise ModelError(f"no next-layer definition for {type(model).__name__}")
+    if tap not in ("stage4", "final"):
+        raise ModelError(f"no linear next layer after tap '{tap}' (only after the last stage: stage4)")
+    return head

@@ -32,6 +32,8 @@ DATA_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--download/--no-download", "data.download", dict(default=None, help="fetch the dataset through torchvision")),
     ("--subset", "data.subset", dict(type=int, help="train on N images (stratified, seeded)")),
     ("--eval-subset", "data.eval_subset", dict(type=int, help="evaluate on N test images (default: all)")),
+    ("--validation", "data.validation", dict(type=int, help="hold out N training images and evaluate on them "
+                                                           "instead of the test split (for tuning)")),
     ("--image-size", "data.image_size", dict(type=int, help="model input side (default: 32 for 28-32px data)")),
     ("--augment", "data.augment", dict(type=click.Choice(["crop-flip", "flip", "none"]),
                                        help="training augmentation (default flip)")),
@@ -50,7 +52,7 @@ TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--grad-clip", "train.grad_clip", dict(type=float, help="max gradient norm")),
     ("--label-smoothing", "train.label_smoothing", dict(type=float)),
     ("--precision", "train.precision", dict(type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-                                           help="autocast dtype; auto measures fp32 vs bf16 on a CPU")),
+                                           help="autocast dtype; auto = fp32 on a CPU, bf16 on CUDA")),
 ]
 TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--teacher-weights", "weights", dict(help="torchvision-format state dict to start from")),
@@ -59,7 +61,8 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="kdiffusion (default), kd, dkd, fitnet, at, none (student alone)")),
+    ("--method", "method", dict(help="kdiffusion (default), kd, dkd, fitnet, at, pkt, sp, rkd, vid, none (student "
+                                     "alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
     # not "--m": under torchrun, argparse would take it for an abbreviation of its own options
     ("--branches", "m", dict(type=int, help="parallel branches m per distillation point (1-8, default 4)")),
@@ -301,6 +304,10 @@ def _run_stage(run_function: Callable, cfg: Any, params: dict[str, Any]) -> Any:
               help="rerun STAGE and every stage after it (the stages are listed above)")
 @click.option("--baseline/--no-baseline", "baseline", default=None,
               help="also train the student alone with the same budget, for the report (default: on)")
+@click.option("--baselines", "baselines", metavar="METHODS",
+              callback=lambda c, p, v: [m.strip() for m in v.split(",") if m.strip()] if v else None,
+              help="the methods trained beside the distilled student, each with its defaults and the same budget, "
+                   "for the report (default: none, the student alone; e.g. none,kd,fitnet)")
 @with_options(*RUN_GROUPS)
 @common_options
 @handle_errors
@@ -316,7 +323,7 @@ def run(**params: Any) -> None:
 
     overrides_models = {"teacher": params.pop("teacher"), "student": params.pop("student")}
     cfg = _config(params, *RUN_GROUPS, models=overrides_models, profile=params["profile"],
-                  extra={"baseline": params["baseline"]})
+                  extra={"baseline": params["baseline"], "baselines": params["baselines"]})
     run_dir, ctx = Path(params["run_dir"]), _context(params["device"])
     with writing(run_dir, ctx.is_main):
         manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],

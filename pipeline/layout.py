@@ -9,6 +9,7 @@
     RUN_DIR/teacher/             teacher stage          (StageFolder)
     RUN_DIR/student/             distill stage: the multi-branch student
     RUN_DIR/baseline/student/    baseline stage: the same student trained alone (a nested run layout)
+    RUN_DIR/baseline/METHOD/student/  further baselines (`--baselines none,kd`): the same student with METHOD
     RUN_DIR/fused/               fuse stage
     RUN_DIR/export/              export stage (artifact names: exporters.formats)
     RUN_DIR/bench/               bench stage
@@ -138,7 +139,21 @@ class RunLayout:
     @property
     def baseline(self) -> RunLayout:
         """The student trained alone lives in a run layout of its own (its ``student`` folder)."""
-        return RunLayout(self.root / "baseline")
+        return self.baseline_run("none")
+
+    def baseline_run(self, method: str) -> RunLayout:
+        """The run layout of a baseline: ``RUN_DIR/baseline/`` for the student alone, ``RUN_DIR/baseline/METHOD/``
+        for a baseline method."""
+        return RunLayout(self.root / "baseline") if method == "none" else RunLayout(self.root / "baseline" / method)
+
+    def baseline_runs(self) -> dict[str, RunLayout]:
+        """The baselines this run directory holds a finished or started student of, by method."""
+        found = {"none": self.baseline} if self.baseline.student.path.is_dir() else {}
+        root = self.root / "baseline"
+        if root.is_dir():
+            found.update({d.name: RunLayout(d) for d in sorted(root.iterdir())
+                          if d.is_dir() and d.name != "student" and (d / "student").is_dir()})
+        return found
 
     @property
     def fused(self) -> StageFolder:

@@ -50,16 +50,17 @@ def write_config(layout: RunLayout, cfg: PipelineConfig) -> None:
     atomic_write_text(layout.config, config_to_yaml(cfg))
 
 
-def force_from(layout: RunLayout, stage: str) -> None:
+def force_from(layout: RunLayout, stage: str, cfg: PipelineConfig) -> None:
     """Forget the results of ``stage`` and every stage after it, so that they run again."""
     names = stage_names()
     if stage not in names:
         raise unknown_name("stage", stage, names)
     for spec in STAGES[names.index(stage):]:
-        folder = spec.folder(layout)
-        folder.marker.unlink(missing_ok=True)
-        if spec.name == stage:  # retrain from scratch, not from the last checkpoint
-            shutil.rmtree(folder.checkpoints, ignore_errors=True)
+        for instance in spec.instances(cfg):
+            folder = instance.folder(layout)
+            folder.marker.unlink(missing_ok=True)
+            if spec.name == stage:  # retrain from scratch, not from the last checkpoint
+                shutil.rmtree(folder.checkpoints, ignore_errors=True)
     log.info("run: --force %s: rerunning %s", stage, ", ".join(names[names.index(stage):]))
 
 
@@ -122,13 +123,13 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
     layout = RunLayout(run_dir)
     check_run_dir(layout, cfg)
     if force and ctx.is_main:
-        force_from(layout, force)
+        force_from(layout, force, cfg)
     ctx.barrier()
     manifest = Manifest(layout, cfg, profile) if ctx.is_main else None
     if ctx.is_main:
         write_config(layout, cfg)
     run = StageRun(cfg, layout, ctx, progress)
-    for spec in STAGES:
+    for spec in (instance for stage in STAGES for instance in stage.instances(cfg)):
         if not spec.enabled(cfg) or (not spec.per_rank and not ctx.is_main):
             continue
         folder = spec.folder(layout)

@@ -35,7 +35,7 @@ def test_fp16_on_cpu_is_refused():
     from pipeline.training.engine import choose_precision
 
     with pytest.raises(BadInputError, match="fp16 is only supported on CUDA"):
-        choose_precision("fp16", nn.Linear(2, 2), torch.zeros(1, 2), torch.zeros(1), DistContext())
+        choose_precision("fp16", torch.device("cpu"))
 
 
 def _tiny_variant(tmp_path):

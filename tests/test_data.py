@@ -180,3 +180,20 @@ def test_flip_only_and_no_augmentation():
     assert bool((flipped | kept).all()) and flipped.any() and kept.any()
     none = BatchPreprocessor(32, (0.0,) * 3, (1 / 255,) * 3, augment="none")(images, idx, 0, 16)
     assert torch.equal(none, plain)
+
+
+def test_the_validation_split_is_stratified_disjoint_and_the_same_for_every_seed():
+    """Tuning reads a validation set carved from the training split: disjoint from what is trained on, every class
+    in proportion, and one split for all seeds (a seed changes the training subset drawn from the rest)."""
+    labels = torch.arange(1000) % 4
+    split = data.ArrayImages(torch.zeros(1000, 1, 2, 2, dtype=torch.uint8), labels)
+    held, rest = data.validation_split(split, 200)
+    held_idx, rest_idx = set(held.indices.tolist()), set(rest.indices.tolist())
+    assert len(held_idx) == 200 and held_idx.isdisjoint(rest_idx) and len(held_idx | rest_idx) == 1000
+    assert torch.bincount(held.targets()).tolist() == [50, 50, 50, 50]
+    again, _ = data.validation_split(split, 200)
+    assert torch.equal(held.indices, again.indices)
+    a, b = (data.stratified_subset(rest, 100, seed, "subset") for seed in (0, 1))
+    assert not torch.equal(a.indices, b.indices) and torch.bincount(a.targets()).tolist() == [25] * 4
+    with pytest.raises(BadInputError, match="data.validation: 1000 leaves no training images"):
+        data.validation_split(split, 1000)

@@ -127,7 +127,8 @@ def test_flip_augmentation_yields_two_keys_per_image_across_epochs():
 
 @pytest.mark.slow
 def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, stripes_root):
-    """2 processes with sharded samplers: each rank caches its own images; the result equals the live teacher's."""
+    """KDiffusion (teacher, projectors, branch blocks) under a real 2-process torchrun, with sharded samplers:
+    each rank caches its own images; the result equals the live teacher's."""
     import json
     import os
     import subprocess
@@ -157,6 +158,8 @@ def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, s
         metrics = json.loads((out / "student" / "metrics.json").read_text())
         assert metrics["world_size"] == 2 and metrics["replica_max_abs_diff"] == 0.0
         states[cache] = torch.load(out / "student" / "model.pt", weights_only=True)
+        # the saved student holds no projector, teacher or DDP wrapper state
+        assert not any(k.startswith(("method.", "teacher", "module.")) for k in states[cache])
     diff = max((states["auto"][k].double() - states["off"][k].double()).abs().max().item()
                for k in states["off"] if states["off"][k].is_floating_point())
     assert diff < 1e-4, f"cached and live teacher runs differ by {diff:.2e}"

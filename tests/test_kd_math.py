@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from pipeline.methods.diffusion import alphabar, gaussian_kl, reverse_steps
+from pipeline.methods.diffusion import alphabar, gaussian_kl, gaussian_kl_full, gaussian_nll, reverse_steps
 from pipeline.methods.logit import dkd_terms, kd_divergence
 
 
@@ -47,6 +47,40 @@ def test_gaussian_kl_equals_the_snr_form(m):
         kl = gaussian_kl(u * x + v * t, u * x + v * xhat, w * s2)
         snr_form = 0.5 * (steps.snr[k + 1] - steps.snr[k]) * ((t - xhat) ** 2).sum() / s2
         assert kl.item() == pytest.approx(snr_form.item(), rel=1e-9)
+
+
+def test_gaussian_nll_gradients_are_the_closed_form():
+    """Eq. (1): d/dmu = -(x - mu) / sigma^2 and d/dlog sigma = 1 - (x - mu)^2 / sigma^2; the log sigma term is what
+    stops a learned variance from growing without bound (its optimum is sigma^2 = (x - mu)^2)."""
+    gen = torch.Generator().manual_seed(0)
+    x, mu = torch.randn(20, generator=gen, dtype=torch.float64), torch.randn(20, generator=gen, dtype=torch.float64)
+    mu.requires_grad_(True)
+    log_sigma = (0.3 * torch.randn(20, generator=gen, dtype=torch.float64)).requires_grad_(True)
+    var = torch.exp(2 * log_sigma)
+    gaussian_nll(x, mu, var).sum().backward()
+    sigma2 = var.detach()
+    assert torch.allclose(mu.grad, -(x - mu.detach()) / sigma2, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(log_sigma.grad, 1 - (x - mu.detach()) ** 2 / sigma2, rtol=1e-12, atol=1e-12)
+    at_optimum = (x - mu.detach()) ** 2
+    assert (gaussian_nll(x, mu.detach(), at_optimum) <= gaussian_nll(x, mu.detach(), at_optimum * 1.1)).all()
+    assert (gaussian_nll(x, mu.detach(), at_optimum) <= gaussian_nll(x, mu.detach(), at_optimum * 0.9)).all()
+
+
+def test_gaussian_kl_closed_form_matches_monte_carlo():
+    """KL(p || q) = E_p[NLL_q(x)] - E_p[NLL_p(x)], estimated with 400k samples of p, for unequal variances; with
+    equal variances it is the equal-variance form used by the SNR weighting."""
+    gen = torch.Generator().manual_seed(1)
+    mean_p, mean_q = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), torch.tensor([0.0, 0.5, 1.0],
+                                                                                         dtype=torch.float64)
+    var_p, var_q = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 0.3, 2.5],
+                                                                                   dtype=torch.float64)
+    samples = mean_p + var_p.sqrt() * torch.randn(400_000, 3, generator=gen, dtype=torch.float64)
+    monte_carlo = (gaussian_nll(samples, mean_q, var_q) - gaussian_nll(samples, mean_p, var_p)).mean(0)
+    closed = gaussian_kl_full(mean_p, var_p, mean_q, var_q)
+    assert torch.allclose(monte_carlo, closed, atol=0.01), (monte_carlo, closed)
+    same = torch.full((3,), 0.7, dtype=torch.float64)
+    assert gaussian_kl_full(mean_p, same, mean_q, same).sum().item() == pytest.approx(
+        gaussian_kl(mean_p, mean_q, 0.7).item(), rel=1e-12)
 
 
 def test_weights_variants():

@@ -5,13 +5,14 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models import build_model, get_spec
 from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
-from pipeline.methods.kdiffusion import KDiffusion
-from pipeline.stages.distill import setup_feature_method
+from pipeline.methods.kdiffusion import KDiffusion, linear_guidance
+from pipeline.stages.distill import pair_by_stride, setup_feature_method
 from pipeline.training.tasks import DistillTask, FrozenTeacher
 
 
@@ -21,15 +22,90 @@ def _method(m: int, **options) -> KDiffusion:
     return method
 
 
-def test_m1_uniform_is_scale_normalised_fitnet():
+def _losses(method: KDiffusion, z: list[torch.Tensor], t: torch.Tensor) -> dict[str, torch.Tensor]:
+    return method.losses(student_logits=torch.zeros(t.shape[0], 3), labels=torch.zeros(t.shape[0], dtype=torch.long),
+                         branches={"final": z}, teacher_feats={"stage4": t})
+
+
+@pytest.mark.parametrize("chain,relative_var", [("poster", 0.1), ("reduced", 1.0)])
+def test_m1_is_a_scale_normalised_fitnet_nll(chain, relative_var):
+    """One step: the NLL of the clean teacher under N(p, var * sigma_S^2), sigma_S^2 the variance of p (the poster
+    chain's only step has w = 0, so its variance is the floor)."""
     torch.manual_seed(0)
-    method = _method(1, weights="uniform", normalize_teacher=False, guided=False)
+    method = _method(1, chain=chain)
     z, t = torch.randn(8, 6, 2, 2), torch.randn(8, 5, 2, 2)
-    out = method.losses(student_logits=torch.randn(8, 3), labels=torch.zeros(8, dtype=torch.long),
-                        branches={"final": [z]}, teacher_feats={"stage4": t})
+    out = _losses(method, [z], t)
     p = method.projectors[0](z)
-    expected = ((t - p) ** 2).mean() / (2 * p.detach().var())
+    var = relative_var * p.detach().var()
+    expected = (0.5 * torch.log(var) + (t - p) ** 2 / (2 * var)).mean()
     assert out["diff"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_poster_chain_is_eqs_5_7_and_10():
+    """m = 2, by hand from the poster: the chain starts at the mean of the branches (eq. 10); step 1 is the weighted
+    sum u x + v p_1 (eq. 7) scored against the teacher noised to tau = 500 (eq. 5) with variance w sigma_S^2; step 2
+    has u = 0, v = 1 and the clean teacher, with the floor variance."""
+    torch.manual_seed(3)
+    method = _method(2, shuffle=False)
+    z, t = [torch.randn(8, 6, 2, 2) for _ in range(2)], torch.randn(8, 5, 2, 2)
+    torch.manual_seed(11)
+    out = _losses(method, z, t)
+    torch.manual_seed(11)
+    eps = torch.randn_like(t)
+
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    a_s2, a_r2 = abar[999].item(), abar[499].item()  # alphabar at tau = 1000 and 500
+    a_sr2 = a_s2 / a_r2
+    u1 = (1 - a_r2) * a_sr2 ** 0.5 / (1 - a_s2)
+    v1 = (1 - a_sr2) * a_r2 ** 0.5 / (1 - a_s2)
+    w1 = (1 - a_sr2) * (1 - a_r2) / (1 - a_s2)
+    p1, p2 = method.projectors[0](torch.cat(z)).split(8)
+    s2 = torch.stack([p1, p2]).detach().var()
+    nll = lambda x, mean, var: (0.5 * torch.log(var) + (x - mean) ** 2 / (2 * var)).mean()  # noqa: E731
+    state1 = u1 * (p1 + p2) / 2 + v1 * p1
+    goal1 = a_r2 ** 0.5 * t + (1 - a_r2) ** 0.5 * s2.sqrt() * eps
+    expected = 0.5 * (nll(goal1, state1, max(w1, 0.1) * s2) + nll(t, 0 * state1 + 1 * p2, 0.1 * s2))
+    assert out["diff"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sigma_s_is_the_variance_of_the_branch_outputs():
+    """Regression: s2 was the variance of the stack of running means (0.52 instead of 1.00 at initialisation)."""
+    torch.manual_seed(4)
+    method = _method(4)
+    z = [torch.randn(16, 6, 2, 2) for _ in range(4)]
+    _losses(method, z, torch.randn(16, 5, 2, 2))
+    projected = method.projectors[0](torch.cat(z))
+    assert method.s2[0].item() == pytest.approx(projected.detach().var().item(), rel=1e-5)
+
+
+def test_learned_variance_enters_with_its_log_term_and_is_trained():
+    """variance=learned: var = sigma_S^2 (floor + softplus(rho)) per step and channel; the NLL's log sigma term gives
+    rho a gradient that pushes the variance up where the error is large and down where it is small."""
+    torch.manual_seed(5)
+    method = _method(1, chain="reduced", variance="learned")
+    z, t = torch.randn(8, 6, 2, 2), torch.randn(8, 5, 2, 2)
+    out = _losses(method, [z], t)
+    p = method.projectors[0](z)
+    s2 = p.detach().var()
+    var = s2 * (1 + F.softplus(method.extra_var[0][0])).view(1, -1, 1, 1)
+    expected = (0.5 * torch.log(var) + (t - p) ** 2 / (2 * var)).mean()
+    assert out["diff"].item() == pytest.approx(expected.item(), rel=1e-5)
+    out["diff"].backward()
+    grad = method.extra_var[0].grad[0]
+    err = ((t - p.detach()) ** 2).mean(dim=(0, 2, 3))
+    assert torch.equal(grad < 0, err > var.detach().view(-1))  # more variance where the squared error exceeds it
+
+
+def test_guidance_is_linear_and_scale_free():
+    """Eq. (9) through the next layer's weights, normalised by the teacher's mapped variance: scaling both features
+    by c leaves it unchanged, and it is zero when the estimate equals the teacher."""
+    torch.manual_seed(6)
+    teacher, estimate, weight = torch.randn(8, 5, 2, 2), torch.randn(8, 5, 2, 2), torch.randn(3, 5)
+    value = linear_guidance(teacher - estimate, teacher, weight)
+    expected = ((teacher - estimate).mean((2, 3)) @ weight.T).pow(2).mean() / (teacher.mean((2, 3)) @ weight.T).var(0).mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert linear_guidance(10 * (teacher - estimate), 10 * teacher, weight).item() == pytest.approx(value.item(), rel=1e-5)
+    assert linear_guidance(teacher - teacher, teacher, weight).item() == 0
 
 
 def test_last_estimate_is_the_fused_layer_projected():
@@ -64,7 +140,7 @@ def swin_kdiffusion_task(seed: int, m: int) -> DistillTask:
     teacher = FrozenTeacher(teacher_model, "fp32", get_spec("swin").taps)
     student, arch = build_multibranch_student("shufflenetv2_x0_5", 10, 32, m=m, points="multi")
     points = arch["multibranch"]["distill_points"]
-    method = KDiffusion(lambda_kd=0.5)
+    method = KDiffusion(lambda_kd=0.5, guided=True)
     setup_feature_method(method, student, teacher, points, m, torch.randn(4, 3, 32, 32))
     return DistillTask(student, method, teacher, {p["tap"]: p["conv"] for p in points})
 
@@ -85,6 +161,15 @@ def test_one_step_trains_every_branch_and_never_the_teacher(task):
         block = task.model.get_submodule(path)
         assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in block.convs)
     assert all(p.grad is not None for p in task.method.projectors.parameters())
+
+
+def test_points_pair_with_the_teacher_stage_of_the_same_stride(task):
+    """Regression: with three points the student's (final, stage4, stage3) were zipped with the teacher's (stage4,
+    stage3, stage2), one stride off. Each pair now has equal map sizes (both models see the same input)."""
+    pairs = [(s, t) for s, t in task.method.pairs]
+    assert pairs == [("final", "stage4"), ("stage4", "stage4"), ("stage3", "stage3")]
+    assert pair_by_stride({"a": 4, "b": 2, "c": 1}, {"stage4": 1, "stage3": 2, "stage2": 4}) == \
+        {"a": "stage2", "b": "stage3", "c": "stage4"}
 
 
 def test_teacher_and_loss_state_stay_out_of_the_student(task):

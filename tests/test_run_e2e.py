@@ -72,6 +72,14 @@ def test_exported_onnx_predicts_what_the_fused_pytorch_student_predicts(finished
     np.testing.assert_array_equal(got, expected)
 
 
+def test_the_report_states_the_arithmetic_and_that_the_gain_is_one_seed(finished_run):
+    report = json.loads((finished_run / "report.json").read_text())
+    assert report["precision"] == {"teacher": "fp32", "student": "fp32", "baseline": "fp32"}
+    text = (finished_run / "report.md").read_text()
+    assert "Training arithmetic: teacher fp32, student fp32, baseline fp32." in text
+    assert "Distillation gain over the student alone:" in text and "from one seed" in text
+
+
 def test_rerun_skips_every_stage(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
     clone_run(finished_run, run)
@@ -97,6 +105,29 @@ def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_r
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     assert actions["teacher"] == "skipped" and actions["baseline"] == "skipped", actions
     assert all(actions[n] == "ran" for n in ("distill", "fuse", "export", "bench", "report")), actions
+
+
+def test_more_baselines_train_beside_the_student_and_reach_the_report(finished_run, fashion_root, tmp_path):
+    """`--baselines none,kd`: KD with its defaults trains the same student with the same budget into
+    baseline/kd/, the report lists it, and nothing else trains again; an unknown method is refused by name."""
+    run = tmp_path / "run"
+    clone_run(finished_run, run)
+    alone = tree_digest(run / "baseline" / "student")
+    result = run_tiny(run, fashion_root, "--baselines", "none,kd")
+    assert result.returncode == 0, result.stderr
+    actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
+    # the export's metadata carries config.yaml's sha256, so its files are written again with the new one
+    assert actions == {**{n: "skipped" for n in STAGES}, "baseline-kd": "ran", "export": "ran", "report": "ran"}, \
+        actions
+    assert tree_digest(run / "baseline" / "student") == alone
+    kd = json.loads((run / "baseline" / "kd" / "student" / "metrics.json").read_text())
+    assert kd["arch"]["method"] == "kd" and kd["arch"]["teacher"]["sha256"]
+    rows = {a["role"]: a for a in json.loads((run / "report.json").read_text())["accuracy"]}
+    assert rows["baseline-kd"]["top1"] == kd["top1"] and "student with kd" in rows["baseline-kd"]["model"]
+    assert "student with kd" in (run / "report.md").read_text()
+
+    result = run_tiny(run, fashion_root, "--baselines", "none,nope")
+    assert result.returncode == 2 and "unknown method 'nope'; valid:" in result.stderr
 
 
 def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root, tmp_path):

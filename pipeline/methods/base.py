@@ -57,6 +57,15 @@ def create_method(name: str, options: dict[str, Any], label_smoothing: float = 0
         raise ValueError(f"method '{cls.name}': {exc}") from None
 
 
+def method_settings(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every option of method ``name`` with its value: the given ones over the defaults. What a run records and
+    fingerprints, so that a change of a default retrains instead of reusing a student trained with the old one."""
+    cls = get_method(name)
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.default is not inspect.Parameter.empty and p.name != "label_smoothing"}
+    return {**defaults, **options}
+
+
 def check(condition: bool, message: str) -> None:
     """Option validation: a ValueError that the stage reports as bad input."""
     if not condition:

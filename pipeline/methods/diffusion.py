@@ -31,6 +31,7 @@ def alphabar(n_steps: int = 1000, kind: str = "linear", beta_start: float = 1e-4
 @dataclass(frozen=True)
 class ReverseSteps:
     tau: torch.Tensor  # m + 1 time steps, tau_0 = N ... tau_m = 0
+    a2: torch.Tensor  # alphabar at each tau_k (m + 1 values; a_t^2 in the poster's notation)
     u: torch.Tensor  # m posterior coefficients each
     v: torch.Tensor
     w: torch.Tensor
@@ -64,9 +65,22 @@ def reverse_steps(m: int, n_steps: int = 1000, kind: str = "linear", weights: st
         omega[-1] = 1
     else:
         raise ValueError(f"unknown weights '{weights}'; valid: last, snr, uniform")
-    return ReverseSteps(tau, u, v, w, snr, omega / omega.sum())
+    return ReverseSteps(tau, a2, u, v, w, snr, omega / omega.sum())
 
 
 def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, var: torch.Tensor | float) -> torch.Tensor:
     """KL(N(mean_p, var) || N(mean_q, var)) summed over elements (equal variances)."""
     return ((mean_p - mean_q) ** 2 / (2 * var)).sum()
+
+
+def gaussian_kl_full(mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor,
+                     var_q: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_p, var_p) || N(mean_q, var_q)) per element, for any two diagonal Gaussians."""
+    return 0.5 * (torch.log(var_q / var_p) + (var_p + (mean_p - mean_q) ** 2) / var_q - 1)
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``-log N(x; mean, var)`` per element without the constant ``log sqrt(2 pi)``: the poster's eq. (1),
+    ``log sigma + (x - mu)^2 / (2 sigma^2)``. With a learned ``var`` its ``log sigma`` term is what keeps the
+    variance from growing without bound; with a fixed one the NLL is a weighted L2 plus a constant."""
+    return 0.5 * torch.log(var) + (x - mean) ** 2 / (2 * var)

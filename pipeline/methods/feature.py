@@ -1,4 +1,5 @@
-"""Feature-based methods: FitNet and attention transfer, plus the pairing base they share with KDiffusion."""
+"""Feature-based methods: FitNet, attention transfer, the relational baselines (PKT, SP, RKD) and VID, plus the
+pairing base they share with KDiffusion."""
 from __future__ import annotations
 
 from typing import Any
@@ -45,19 +46,21 @@ class PairedFeatureMethod(KDMethod):
 
     align = "pool"
     uses_features = True
+    needs_projector = True  # one Projector per point (student channels -> teacher channels)
     pairs: list[tuple[str, str]] = []  # (student tap, teacher tap), filled in by setup
 
     def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
         """``pairs``: (student point tap, teacher tap, student CHW, teacher CHW); ``next_parts`` by teacher tap."""
         self.m = m
         self.pairs = [(s, t) for s, t, _, _ in pairs]
-        self.projectors = nn.ModuleList(Projector(ss, ts, self.align) for _, _, ss, ts in pairs)
+        if self.needs_projector:
+            self.projectors = nn.ModuleList(Projector(ss, ts, self.align) for _, _, ss, ts in pairs)
         # the teacher's next parts are frozen teacher modules: kept out of this module's state
         object.__setattr__(self, "next_parts", next_parts)
 
     @property
     def teacher_taps(self) -> list[str]:
-        return [t for _, t in self.pairs]
+        return list(dict.fromkeys(t for _, t in self.pairs))
 
 
 def mean_feature(branches: list[torch.Tensor]) -> torch.Tensor:
@@ -107,3 +110,150 @@ class AttentionTransfer(PairedFeatureMethod):
             a_t = attention_map(F.adaptive_avg_pool2d(teacher, size), self.p)
             total = total + (a_s - a_t).pow(2).mean()
         return {"ce": self.cross_entropy(student_logits, labels), "at": self.beta / 2 * total}
+
+
+# ------------------------------------------------------------------------------------------ relational baselines
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Loss arithmetic in fp32 under low-precision autocast (fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """The feature averaged over space, one vector per image (the embedding relational methods compare)."""
+    return at_least_fp32(feature).mean(dim=(2, 3))
+
+
+class RelationalMethod(PairedFeatureMethod):
+    """A method comparing relations between the images of a batch (no projector: channel counts may differ)."""
+
+    needs_projector = False
+
+    def __init__(self, beta: float = 1.0, **options: Any):
+        super().__init__(**options)
+        check(beta >= 0, f"beta must be >= 0 (got {beta})")
+        self.beta = float(beta)
+
+    def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+        total = student_logits.new_zeros(())
+        for s_tap, t_tap in self.pairs:
+            total = total + self.relation_loss(mean_feature(branches[s_tap]), teacher_feats[t_tap].detach())
+        return {"ce": self.cross_entropy(student_logits, labels), self.name: self.beta * total}
+
+
+def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas, 2018): the cosine-similarity kernel of the batch's
+    embeddings, ``(cos + 1) / 2`` made row-stochastic, matched by KL(teacher || student) averaged over entries."""
+    def conditional(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(pooled(x), dim=1, eps=eps)
+        kernel = (x @ x.T + 1) / 2
+        return kernel / kernel.sum(dim=1, keepdim=True)
+
+    p_s, p_t = conditional(student), conditional(teacher)
+    return (p_t * torch.log((p_t + eps) / (p_s + eps))).mean()
+
+
+def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori, 2019): the batch's Gram matrices of the flattened maps, each row
+    L2-normalised; the squared Frobenius distance divided by batch^2."""
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        flat = at_least_fp32(x).flatten(1)
+        return F.normalize(flat @ flat.T, dim=1)
+
+    batch = student.shape[0]
+    return (gram(student) - gram(teacher)).pow(2).sum() / batch**2
+
+
+def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
+             angle_weight: float = 50.0) -> torch.Tensor:
+    """Relational KD (Park et al., 2019) on the embeddings: Huber loss between the pairwise distances (each set
+    divided by its mean non-zero distance) plus Huber loss between the cosines of the angles of all triplets."""
+    def distances(x: torch.Tensor) -> torch.Tensor:
+        d = torch.cdist(x, x)
+        return d / d[d > 0].mean()
+
+    def angles(x: torch.Tensor) -> torch.Tensor:
+        diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), dim=2)  # diff[i, j] = unit(x_j - x_i)
+        return torch.bmm(diff, diff.transpose(1, 2)).flatten()  # cos of angle j-i-k, all i, j, k
+
+    s, t = pooled(student), pooled(teacher)
+    with torch.no_grad():
+        t_dist, t_angle = distances(t), angles(t)
+    return (distance_weight * F.smooth_l1_loss(distances(s), t_dist)
+            + angle_weight * F.smooth_l1_loss(angles(s), t_angle))
+
+
+@register_method("pkt")
+class PKT(RelationalMethod):
+    def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return pkt_loss(student, teacher)
+
+
+@register_method("sp")
+class SimilarityPreserving(RelationalMethod):
+    def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return sp_loss(student, teacher)  # batch x batch Gram matrices: the map sizes need not agree
+
+
+@register_method("rkd")
+class RelationalKD(RelationalMethod):
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, **options: Any):
+        super().__init__(**options)
+        check(distance_weight >= 0 and angle_weight >= 0, "distance_weight and angle_weight must be >= 0")
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+
+    def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_loss(student, teacher, self.distance_weight, self.angle_weight)
+
+
+class VIDRegressor(nn.Module):
+    """VID's mean estimator: three 1x1 convs with ReLUs between, student channels -> teacher channels."""
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        hidden = 2 * teacher_channels
+        self.net = nn.Sequential(nn.Conv2d(student_channels, hidden, 1), nn.ReLU(),
+                                 nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, teacher_channels, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def vid_nll(mean: torch.Tensor, teacher: torch.Tensor, raw_variance: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Variational information distillation (Ahn et al., 2019): the Gaussian NLL of the teacher feature under
+    ``N(mean, softplus(raw_variance) + eps)`` with one learned variance per channel, averaged over elements."""
+    var = (F.softplus(raw_variance) + eps).view(1, -1, 1, 1)
+    return (0.5 * (torch.log(var) + (mean - teacher) ** 2 / var)).mean()
+
+
+@register_method("vid")
+class VID(PairedFeatureMethod):
+    """CE + beta * VID's NLL at each point (the variance-aware feature baseline of the poster's tables)."""
+
+    needs_projector = False
+
+    def __init__(self, beta: float = 1.0, init_variance: float = 5.0, **options: Any):
+        super().__init__(**options)
+        check(beta >= 0, f"beta must be >= 0 (got {beta})")
+        check(init_variance > 0, f"init_variance must be > 0 (got {init_variance})")
+        self.beta, self.init_variance = float(beta), float(init_variance)
+
+    def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
+        super().setup(m, pairs, next_parts)
+        self.regressors = nn.ModuleList(VIDRegressor(ss[0], ts[0]) for _, _, ss, ts in pairs)
+        raw = torch.log(torch.expm1(torch.tensor(self.init_variance)))  # softplus(raw) = init_variance
+        self.raw_variances = nn.ParameterList(nn.Parameter(torch.full((ts[0],), raw.item())) for *_, ts in pairs)
+
+    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+        total = student_logits.new_zeros(())
+        for i, (s_tap, t_tap) in enumerate(self.pairs):
+            student = mean_feature(branches[s_tap])
+            teacher = teacher_feats[t_tap].detach().float()
+            size = tuple(min(a, b) for a, b in zip(student.shape[-2:], teacher.shape[-2:]))
+            mean = self.regressors[i](F.adaptive_avg_pool2d(student, size)).float()
+            total = total + vid_nll(mean, F.adaptive_avg_pool2d(teacher, size), self.raw_variances[i])
+        return {"ce": self.cross_entropy(student_logits, labels), "vid": self.beta * total}

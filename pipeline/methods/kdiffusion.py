@@ -2,14 +2,24 @@
 
 Per distillation point the student layer has ``m`` parallel linear branches
 (``models.blocks.BranchConvBN``); their projected outputs ``p_j = P(z_j)``
-estimate the teacher feature ``t`` in ``m`` reverse-diffusion steps:
-``xhat_k`` is the running mean of the first ``k`` branches in a fresh random
-order, and step ``k`` costs the Gaussian KL between the teacher's and the
-student's DDPM posteriors, ``0.5 (SNR(tau_k) - SNR(tau_{k-1})) |t - xhat_k|^2 / s2``
-(normalised weights ``omega_k``). Target guidance runs the frozen next part
-of the teacher on ``xhat_m``. Choices marked [ours] in the spec are options:
-``weights``, ``shuffle``, ``guided``, ``normalize_teacher``, ``snr_cap``,
-``align``, the lambdas and the optional logit KD term.
+are the student features of a ``m``-step diffusion reverse process that ends
+at the teacher feature ``t``. Two forms of the chain (option ``chain``):
+
+- ``poster`` (the paper's, eqs. 3-7 and 10): the chain starts from the
+  averaged student features (eq. 10 reads them as the noisy end ``x_n``);
+  step ``k`` is the weighted sum ``mu_k = u_k x_{k-1} + v_k p_{pi(k)}`` of the
+  previous state and the next shuffled branch (eq. 7), and its loss is the
+  Gaussian negative log-likelihood (eq. 1) of the teacher's forward-noised
+  state ``x^T_{tau_k} = a_{tau_k} t + b_{tau_k} sigma_S eps`` (eq. 5) under
+  ``N(mu_k, sigma_k^2)``, ``sigma_k^2 = max(w_k, var_floor) sigma_S^2``.
+- ``reduced`` (the first spec's): running means of the shuffled branches
+  compared with the clean teacher, ``NLL(t; xhat_k, sigma_S^2)``.
+
+``variance=learned`` makes the likelihood variance-aware: a learned
+per-step, per-channel variance on top of the DDPM posterior variance (its
+floor), entering with its ``log sigma`` term. Target guidance (eq. 9) is an
+L2 after the teacher's next linear layer, scale-free. Every choice the poster
+leaves open is an option; docs/kdiffusion.md lists them.
 """
 from __future__ import annotations
 
@@ -20,27 +30,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import FeaturePair, check, register_method
+from pipeline.methods.diffusion import gaussian_nll, reverse_steps
 from pipeline.methods.feature import PairedFeatureMethod, match_size
-from pipeline.methods.diffusion import reverse_steps
 from pipeline.methods.logit import kd_divergence
+
+LEARNED_VARIANCE_INIT = -4.0  # softplus(-4) = 0.018: the learned part starts small against the floor
 
 
 @register_method("kdiffusion")
 class KDiffusion(PairedFeatureMethod):
-    def __init__(self, weights: str = "snr", shuffle: bool = True, guided: bool = True,
-                 normalize_teacher: bool = True, lambda_diff: float = 1.0, lambda_guided: float = 1.0,
+    def __init__(self, chain: str = "poster", variance: str = "fixed", var_floor: float = 0.1,
+                 weights: str = "uniform", shuffle: bool = True, guided: bool = False,
+                 normalize_teacher: bool = False, lambda_diff: float = 1.0, lambda_guided: float = 1.0,
                  lambda_kd: float = 0.0, kd_temperature: float = 4.0, schedule: str = "linear", N: int = 1000,
                  snr_cap: float | None = None, align: str = "pool", diff_warmup: float = 0.0, **options: Any):
         super().__init__(**options)
+        check(chain in ("poster", "reduced"), f"chain must be poster or reduced (got {chain})")
+        check(variance in ("fixed", "learned"), f"variance must be fixed or learned (got {variance})")
         check(weights in ("snr", "uniform", "last"), f"weights must be snr, uniform or last (got {weights})")
         check(schedule in ("linear", "cosine"), f"schedule must be linear or cosine (got {schedule})")
         check(align in ("pool", "resize"), f"align must be pool or resize (got {align})")
         for name, value in (("lambda_diff", lambda_diff), ("lambda_guided", lambda_guided),
                             ("lambda_kd", lambda_kd), ("diff_warmup", diff_warmup)):
             check(value >= 0, f"{name} must be >= 0 (got {value})")
+        check(var_floor > 0, f"var_floor must be > 0 (got {var_floor})")
         check(int(N) >= 2, f"N must be >= 2 (got {N})")
         check(snr_cap is None or snr_cap > 0, f"snr_cap must be > 0 (got {snr_cap})")
         check(kd_temperature > 0, f"kd_temperature must be > 0 (got {kd_temperature})")
+        self.chain, self.variance, self.var_floor = chain, variance, float(var_floor)
         self.weights, self.shuffle, self.guided = weights, bool(shuffle), bool(guided)
         self.normalize_teacher, self.align = bool(normalize_teacher), align
         self.lambda_diff, self.lambda_guided, self.lambda_kd = float(lambda_diff), float(lambda_guided), float(lambda_kd)
@@ -53,7 +70,15 @@ class KDiffusion(PairedFeatureMethod):
     def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
         super().setup(m, pairs, next_parts)
         steps = reverse_steps(m, self.N, self.schedule, self.weights, self.snr_cap)
+        abar = steps.a2
         self.register_buffer("omega", steps.omega.float())
+        self.register_buffer("u", steps.u.float())
+        self.register_buffer("v", steps.v.float())
+        # the poster chain's step variance (relative to sigma_S^2): the posterior's w_k, floored (w_m = 0)
+        floor = steps.w if self.chain == "poster" else torch.ones(m, dtype=torch.float64)
+        self.register_buffer("step_var", floor.clamp_min(self.var_floor).float())
+        self.register_buffer("signal", abar[1:].sqrt().float())  # a_{tau_k}, k = 1..m
+        self.register_buffer("noise", (1 - abar[1:]).clamp_min(0).sqrt().float())  # b_{tau_k}
         n = len(pairs)
         self.register_buffer("s2", torch.ones(n))
         self.register_buffer("initialised", torch.zeros(n, dtype=torch.bool))
@@ -62,12 +87,16 @@ class KDiffusion(PairedFeatureMethod):
         for i, (*_, ts) in enumerate(pairs):
             self.register_buffer(f"teacher_mean_{i}", torch.zeros(1, ts[0], 1, 1))
             self.register_buffer(f"teacher_std_{i}", torch.ones(1, ts[0], 1, 1))
+        if self.variance == "learned":  # per point: (step, channel), the learned excess over the floor
+            self.extra_var = nn.ParameterList(nn.Parameter(torch.full((m, ts[0]), LEARNED_VARIANCE_INIT))
+                                              for *_, ts in pairs)
 
     # --------------------------------------------------------------------------------- statistics
 
     @torch.no_grad()
     def _update_stats(self, i: int, teacher: torch.Tensor, projected: torch.Tensor) -> None:
-        """Detached running estimates (EMA, momentum 0.1): teacher per-channel mean/std, and s2."""
+        """Detached running estimates (EMA, momentum 0.1): teacher per-channel mean/std, and ``s2`` (sigma_S^2,
+        the variance of the projected branch features ``p_j``)."""
         var = projected.float().var()
         mean_t = teacher.mean(dim=(0, 2, 3), keepdim=True)
         std_t = teacher.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) if teacher.numel() > teacher.shape[1] \
@@ -82,20 +111,47 @@ class KDiffusion(PairedFeatureMethod):
             self.get_buffer(f"teacher_mean_{i}").mul_(0.9).add_(0.1 * mean_t)
             self.get_buffer(f"teacher_std_{i}").mul_(0.9).add_(0.1 * std_t)
 
-    # --------------------------------------------------------------------------------- the loss
+    # --------------------------------------------------------------------------------- the chain
+
+    def project(self, i: int, branches: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[p_1 .. p_m]``: the branches through point ``i``'s projector (one P, one set of BN statistics)."""
+        batch = branches[0].shape[0]
+        projected = self.projectors[i](torch.cat(branches))
+        return list(projected.to(torch.promote_types(projected.dtype, torch.float32)).split(batch))
+
+    def branch_order(self, m: int) -> list[int]:
+        """Shuffle sampling (eq. 10): a fresh random order per point and step while training."""
+        return torch.randperm(m).tolist() if (self.shuffle and self.training) else list(range(m))
 
     def estimates(self, i: int, branches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
-        """``[xhat_1 .. xhat_m]`` of point ``i``: running means of the projected branches in shuffled order."""
-        m = len(branches)
-        batch = branches[0].shape[0]
-        projected = self.projectors[i](torch.cat(branches))  # one P (one set of BN statistics) for all branches
-        projected = projected.to(torch.promote_types(projected.dtype, torch.float32)).split(batch)
-        order = torch.randperm(m).tolist() if (self.shuffle and self.training) else list(range(m))
-        xhat, out = None, []
-        for k, j in enumerate(order, start=1):
-            xhat = projected[j] if xhat is None else xhat + (projected[j] - xhat) / k
-            out.append(xhat)
-        return out, order
+        """``[xhat_1 .. xhat_m]`` of point ``i`` in the reduced chain: running means of the shuffled branches."""
+        projected = self.project(i, branches)
+        order = self.branch_order(len(projected))
+        return running_means([projected[j] for j in order]), order
+
+    def variances(self, i: int, s2: torch.Tensor) -> torch.Tensor:
+        """Each step's likelihood variance, shape (m, 1, C, 1, 1) or (m, 1, 1, 1, 1): the floor ``step_var_k *
+        sigma_S^2``, plus the learned per-channel excess with ``variance=learned``."""
+        var = self.step_var.view(-1, 1, 1, 1, 1) * s2
+        if self.variance == "learned":
+            var = var + s2 * F.softplus(self.extra_var[i]).view(self.m, 1, -1, 1, 1)
+        return var
+
+    def chain_loss(self, i: int, projected: list[torch.Tensor], order: list[int], target: torch.Tensor,
+                   s2: torch.Tensor) -> torch.Tensor:
+        """The weighted sum over steps of each step's Gaussian NLL (means over elements)."""
+        var = self.variances(i, s2)
+        if self.chain == "reduced":
+            means, goals = running_means([projected[j] for j in order]), [target] * len(order)
+        else:
+            means, goals = poster_chain(projected, order, self.u, self.v), []
+            for k in range(len(order)):  # eq. (5): the teacher's state at tau_k, freshly noised
+                noise = torch.randn_like(target) if self.noise[k] > 0 else torch.zeros_like(target)
+                goals.append(self.signal[k] * target + self.noise[k] * s2.sqrt() * noise)
+        return sum(w * gaussian_nll(goal, mean, var[k]).mean()
+                   for k, (w, goal, mean) in enumerate(zip(self.omega, goals, means)))
+
+    # --------------------------------------------------------------------------------- the loss
 
     def losses(self, *, student_logits, labels, teacher_logits=None, branches=None, teacher_feats=None,
                **_: Any) -> dict[str, torch.Tensor]:
@@ -103,26 +159,53 @@ class KDiffusion(PairedFeatureMethod):
         diff_total, guided_total = student_logits.new_zeros(()), student_logits.new_zeros(())
         self.last_orders = []
         ramp = min(1.0, self.epoch_progress / self.diff_warmup) if self.diff_warmup > 0 else 1.0
+        guided_points = 0
         for i, (s_tap, t_tap) in enumerate(self.pairs):
-            teacher = teacher_feats[t_tap].float().detach()
-            xhats, order = self.estimates(i, branches[s_tap])
+            projected = self.project(i, branches[s_tap])
+            order = self.branch_order(len(projected))
             self.last_orders.append(order)
-            teacher = match_size(teacher, xhats[-1])
-            self._update_stats(i, teacher, torch.stack(xhats))
+            teacher = match_size(teacher_feats[t_tap].float().detach(), projected[0])
+            self._update_stats(i, teacher, torch.stack(projected))
             mu, sd = self.get_buffer(f"teacher_mean_{i}"), self.get_buffer(f"teacher_std_{i}")
             target = (teacher - mu) / sd if self.normalize_teacher else teacher
-            s2 = self.s2[i].clamp_min(1e-8)
-            diff = sum(w * ((target - x) ** 2).mean() for w, x in zip(self.omega, xhats)) / (2 * s2)
-            diff_total = diff_total + diff
+            diff_total = diff_total + self.chain_loss(i, projected, order, target, self.s2[i].clamp_min(1e-8))
             head = self.next_parts.get(t_tap) if self.guided else None
             if head is not None:
-                raw = mu + sd * xhats[-1] if self.normalize_teacher else xhats[-1]
-                with torch.no_grad():
-                    goal = head(teacher)
-                guided_total = guided_total + F.mse_loss(head(raw), goal)
+                estimate = torch.stack(projected).mean(0)  # the deployed (fused) feature, projected
+                gap = sd * (target - estimate) if self.normalize_teacher else target - estimate
+                guided_total = guided_total + linear_guidance(gap, teacher, head.weight)
+                guided_points += 1
         out["diff"] = ramp * self.lambda_diff * diff_total
-        if self.guided and any(self.next_parts.get(t) is not None for t in self.teacher_taps):
+        if guided_points:
             out["guided"] = self.lambda_guided * guided_total
         if self.lambda_kd > 0 and teacher_logits is not None:
             out["kd"] = self.lambda_kd * kd_divergence(student_logits, teacher_logits, self.kd_temperature)
         return out
+
+
+def running_means(features: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``xhat_k``: the mean of the first ``k`` features, for k = 1..m."""
+    xhat, out = None, []
+    for k, feature in enumerate(features, start=1):
+        xhat = feature if xhat is None else xhat + (feature - xhat) / k
+        out.append(xhat)
+    return out
+
+
+def poster_chain(projected: list[torch.Tensor], order: list[int], u: torch.Tensor,
+                 v: torch.Tensor) -> list[torch.Tensor]:
+    """The student's reverse chain (eqs. 7, 10): ``x_0 = mean_j p_j``, ``x_k = u_k x_{k-1} + v_k p_{pi(k)}``."""
+    state, states = torch.stack(projected).mean(0), []
+    for k, j in enumerate(order):
+        state = u[k] * state + v[k] * projected[j]
+        states.append(state)
+    return states
+
+
+def linear_guidance(gap: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Eq. (9), scale-free: ``||(x^T - xhat^T) w_t||^2`` on the spatially averaged features, divided by the
+    (detached) variance of ``x^T w_t`` over the batch, so its size does not depend on the teacher's scale."""
+    mapped_gap = F.linear(gap.mean(dim=(2, 3)), weight.float())
+    with torch.no_grad():
+        scale = F.linear(teacher.mean(dim=(2, 3)), weight.float()).var(dim=0).mean().clamp_min(1e-8)
+    return mapped_gap.pow(2).mean() / scale

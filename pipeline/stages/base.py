@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.layout import RunLayout, StageFolder
 from pipeline.training.checkpoint import atomic_save, atomic_write_json, file_sha256, read_json
-from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
+from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset, validation_split
 from pipeline.training.distributed import DistContext
 from pipeline.training.engine import fit, read_resume_state
 
@@ -64,6 +64,11 @@ class StageSpec:
     outputs: tuple[str, ...] = ()
     per_rank: bool = False
     enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+    # a stage that runs once per configured item (the baselines): the specs it stands for in a run with ``cfg``
+    expand: Callable[[PipelineConfig], list["StageSpec"]] | None = None
+
+    def instances(self, cfg: PipelineConfig) -> list["StageSpec"]:
+        return self.expand(cfg) if self.expand else [self]
 
 
 TRAINING_OUTPUTS = ("model.pt", "metrics.json", "metrics.jsonl")
@@ -124,16 +129,26 @@ def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
     data = cfg.data
     bundle = load_dataset(data.dataset, data.data_root, data.download, data.image_size)
     image_size = data.image_size or bundle.default_image_size
-    train = stratified_subset(bundle.train, data.subset, cfg.seed, "subset")
-    test = stratified_subset(bundle.test, data.eval_subset, cfg.seed, "eval_subset")
+    train, test = bundle.train, bundle.test
+    if data.validation:
+        test, train = validation_split(bundle.train, data.validation)
+    train = stratified_subset(train, data.subset, cfg.seed, "subset")
+    test = stratified_subset(test, data.eval_subset, cfg.seed, "eval_subset")
     return bundle, train, test, image_size
 
 
 def data_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The data settings that change what a model learns (not where the files are)."""
     d = cfg.data
-    return {"dataset": d.dataset, "subset": d.subset, "eval_subset": d.eval_subset, "image_size": d.image_size,
-            "augment": d.augment}
+    settings = {"dataset": d.dataset, "subset": d.subset, "eval_subset": d.eval_subset, "image_size": d.image_size,
+                "augment": d.augment}
+    return settings if d.validation is None else {**settings, "validation": d.validation}
+
+
+def data_fingerprint_excludes(cfg: PipelineConfig) -> set[str]:
+    """Data settings added after runs were made, left out of fingerprints while unset (so those runs keep
+    theirs)."""
+    return {"validation"} if cfg.data.validation is None else set()
 
 
 def set_deterministic(enabled: bool) -> None:

@@ -10,18 +10,21 @@ teacher into ``RUN_DIR/baseline/student/``, for the report's comparison.
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from models import FeatureTaps, ModelError, TapSpec, get_spec
-from models.heads import next_part
+from models.heads import next_linear
 from models.reparam import build_multibranch_student
 from pipeline.config import PipelineConfig, StudentConfig, with_derived_settings
 from pipeline.errors import BadInputError
-from pipeline.methods import KDMethod, create_method, get_method
-from pipeline.stages.base import TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_settings, prepare_data, train_stage
+from pipeline.methods import KDMethod, create_method, get_method, method_settings
+from pipeline.stages.base import (TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_fingerprint_excludes,
+                                  data_settings, prepare_data, train_stage)
 from pipeline.stages.loaders import load_teacher
 from pipeline.training.checkpoint import file_sha256, seed_everything
 from pipeline.training.data import BatchPreprocessor, DataBundle
@@ -62,33 +65,48 @@ def sample_input(train: Any, bundle: DataBundle, image_size: int, ctx: DistConte
     return BatchPreprocessor(image_size, bundle.mean, bundle.std)(images)
 
 
-TEACHER_TAPS_FOR_POINTS = ("stage4", "stage3", "stage2")  # the student's points, last first, pair with these
+TEACHER_STAGES = ("stage4", "stage3", "stage2", "stage1")  # deepest first: a tie in stride goes to the deeper
+
+
+def pair_by_stride(student_sizes: dict[str, int], teacher_sizes: dict[str, int]) -> dict[str, str]:
+    """Each student point's teacher stage: the one whose map has the same height (the same stride, both models
+    seeing the same input), else the nearest in log-scale; ties go to the deeper stage."""
+    def distance(s_size: int, t_size: int) -> float:
+        return abs(math.log(t_size / s_size))
+
+    order = [t for t in TEACHER_STAGES if t in teacher_sizes]
+    return {tap: min(order, key=lambda t: distance(size, teacher_sizes[t])) for tap, size in student_sizes.items()}
 
 
 def setup_feature_method(method: KDMethod, student: torch.nn.Module, teacher: FrozenTeacher,
-                         points: list[dict[str, str]], m: int, images: torch.Tensor) -> None:
-    """Pair each distillation point with a teacher stage, find both shapes, and build the method's modules."""
-    teacher_taps = list(TEACHER_TAPS_FOR_POINTS[:len(points)])
-    missing = [t for t in teacher_taps if t not in teacher.taps]
-    if missing:
-        raise BadInputError(f"teacher has no feature tap(s) {', '.join(missing)} for {len(points)} points")
-    _, teacher_feats = teacher.with_features(images[:2], teacher_taps)
+                         points: list[dict[str, str]], m: int, images: torch.Tensor) -> list[dict[str, Any]]:
+    """Pair each distillation point with the teacher stage of the same stride, find both shapes, and build the
+    method's modules; returns the pairs with their C x H x W shapes (for the record)."""
+    stages = [t for t in TEACHER_STAGES if t in teacher.taps]
+    if not stages:
+        raise BadInputError(f"teacher has none of the feature taps {', '.join(TEACHER_STAGES)}")
+    _, teacher_feats = teacher.with_features(images[:2], stages)
     student_taps = {p["tap"]: TapSpec(p["conv"]) for p in points}
     was_training = student.training
     student.eval()
     with torch.no_grad(), FeatureTaps(student, student_taps) as taps:
         student(images[:2])
     student.train(was_training)
-    pairs = [(p["tap"], t, tuple(taps.features[p["tap"]].shape[1:]), tuple(teacher_feats[t].shape[1:]))
-             for p, t in zip(points, teacher_taps)]
+    pairing = pair_by_stride({p["tap"]: taps.features[p["tap"]].shape[-2] for p in points},
+                             {t: teacher_feats[t].shape[-2] for t in stages})
+    pairs = [(p["tap"], pairing[p["tap"]], tuple(taps.features[p["tap"]].shape[1:]),
+              tuple(teacher_feats[pairing[p["tap"]]].shape[1:])) for p in points]
+    teacher_taps = sorted({t for _, t, _, _ in pairs})
     heads = {}
     for t in teacher_taps:
         try:
-            heads[t] = next_part(teacher.model, t)
+            heads[t] = next_linear(teacher.model, t)
         except ModelError:
-            heads[t] = None  # no guidance for this teacher
+            heads[t] = None  # no guidance at this point
     method.setup(m, pairs, heads)
     log.info("distillation points: %s", ", ".join(f"student {s} {ss} <- teacher {t} {ts}" for s, t, ss, ts in pairs))
+    return [{"student": s, "teacher": t, "student_shape": list(ss), "teacher_shape": list(ts)}
+            for s, t, ss, ts in pairs]
 
 
 def make_method(name: str, options: dict[str, Any], label_smoothing: float) -> KDMethod:
@@ -112,10 +130,14 @@ def distill_settings_hash(cfg: PipelineConfig, teacher_sha256: str | None, preci
     """The stage's fingerprint: seed, data and student settings, the teacher's weights (another teacher means
     another distillation) and the teacher's precision. The precision enters only when it is not fp32, so runs made
     before it was a setting (fp32 on CPUs) keep their fingerprint."""
+    student = cfg.student.model_dump()
+    student["method_options"] = method_settings(cfg.student.method, cfg.student.method_options)
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
-                                              "data": data_settings(cfg), "student": cfg.student.model_dump()})
+                                              "data": data_settings(cfg), "student": student})
+    # teacher_ckpt is a path: the teacher is identified by its sha256 below, wherever the file lies
     settings_hash = settings.section_hash("seed", "deterministic", "data", "student",
-                                          exclude={"student": {"teacher_precision"}})
+                                          exclude={"student": {"teacher_precision", "teacher_ckpt"},
+                                                   "data": data_fingerprint_excludes(cfg)})
     if teacher_sha256 is None:
         return settings_hash
     settings_hash += "-" + teacher_sha256[:16]
@@ -154,14 +176,14 @@ def run_distill(run: StageRun) -> dict[str, Any]:
         teacher_info["sha256"] = teacher_sha
     points = arch["multibranch"]["distill_points"]
     if method.uses_features:  # feature methods (all of which need a teacher)
-        setup_feature_method(method, model, teacher, points, s.m, sample)
+        arch["feature_pairs"] = setup_feature_method(method, model, teacher, points, s.m, sample)
     cache = make_teacher_cache(s, cfg.data.augment) if teacher is not None else None
     if teacher_info:
         teacher_info["cache"] = None if cache is None else {"dtype": s.teacher_cache_dtype,
                                                             "max_mb": s.teacher_cache_mb}
     task = DistillTask(model, method, teacher, {p["tap"]: p["conv"] for p in points}, cache)
     arch["method"] = s.method
-    arch["method_options"] = dict(s.method_options)
+    arch["method_options"] = method_settings(s.method, s.method_options)
     arch["teacher"] = teacher_info
     summary = train_stage(stage, cfg, ctx, bundle=bundle, train=train, test=test, image_size=image_size, task=task,
                           train_cfg=s.train, settings_hash=settings_hash, arch=arch, progress=run.progress)
@@ -170,18 +192,32 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     return summary
 
 
-def baseline_config(cfg: PipelineConfig) -> PipelineConfig:
-    """The same student, data and budget, trained alone (no teacher)."""
-    student = cfg.student.model_copy(update={"method": "none", "method_options": {}}, deep=True)
-    return cfg.model_copy(update={"student": student}, deep=True)
+def baseline_config(cfg: PipelineConfig, method: str = "none", teacher: Path | None = None) -> PipelineConfig:
+    """The same student, data and budget, trained alone (``none``) or with another method at its defaults."""
+    update: dict[str, Any] = {"method": method, "method_options": {}}
+    if teacher is not None and cfg.student.teacher_ckpt is None:
+        update["teacher_ckpt"] = str(teacher)
+    return cfg.model_copy(update={"student": cfg.student.model_copy(update=update, deep=True)}, deep=True)
 
 
-def run_baseline(run: StageRun) -> dict[str, Any]:
-    """The student alone, in the run's ``baseline/`` layout."""
-    return run_distill(StageRun(baseline_config(run.cfg), run.layout.baseline, run.ctx, run.progress))
+def baseline_spec(method: str) -> StageSpec:
+    """The stage training one baseline: ``baseline`` (the student alone) or ``baseline-METHOD``."""
+
+    def run_baseline(run: StageRun) -> dict[str, Any]:
+        layout = run.layout.baseline_run(method)
+        cfg = baseline_config(run.cfg, method, run.layout.teacher.model if get_method(method).needs_teacher else None)
+        return run_distill(StageRun(cfg, layout, run.ctx, run.progress))
+
+    needs_teacher = get_method(method).needs_teacher
+    return StageSpec(name="baseline" if method == "none" else f"baseline-{method}",
+                     folder=lambda layout: layout.baseline_run(method).student, run=run_baseline,
+                     inputs=lambda layout: [layout.teacher.model] if needs_teacher else [],
+                     outputs=TRAINING_OUTPUTS, per_rank=True,
+                     enabled=lambda cfg: cfg.baseline and method in cfg.baselines)
 
 
 STAGE = StageSpec(name="distill", folder=lambda layout: layout.student, run=run_distill,
                   inputs=lambda layout: [layout.teacher.model], outputs=TRAINING_OUTPUTS, per_rank=True)
-BASELINE = StageSpec(name="baseline", folder=lambda layout: layout.baseline.student, run=run_baseline,
-                     outputs=TRAINING_OUTPUTS, per_rank=True, enabled=lambda cfg: cfg.baseline)
+# one stage in the order, run once per method of `baselines` (its --force name: baseline)
+BASELINE = replace(baseline_spec("none"), enabled=lambda cfg: cfg.baseline,
+                   expand=lambda cfg: [baseline_spec(method) for method in cfg.baselines])

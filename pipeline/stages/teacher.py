@@ -16,7 +16,8 @@ from models.errors import ModelError
 from models.weights import load_matching, read_state_dict
 from pipeline.config import PipelineConfig, with_derived_settings
 from pipeline.errors import BadInputError
-from pipeline.stages.base import TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_settings, prepare_data, train_stage
+from pipeline.stages.base import (TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_fingerprint_excludes,
+                                  data_settings, prepare_data, train_stage)
 from pipeline.training.checkpoint import seed_everything
 from pipeline.training.tasks import SupervisedTask
 
@@ -58,7 +59,8 @@ def run_teacher(run: StageRun) -> dict[str, Any]:
     cfg = with_derived_settings(run.cfg)  # the settings hash covers the resolved Swin windows
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
                                               "data": data_settings(cfg), "teacher": cfg.teacher.model_dump()})
-    settings_hash = settings.section_hash("seed", "deterministic", "data", "teacher")
+    settings_hash = settings.section_hash("seed", "deterministic", "data", "teacher",
+                                          exclude={"data": data_fingerprint_excludes(cfg)})
     stage = Stage(run.layout.teacher, "teacher")
     done = stage.skip_if_finished(settings_hash)
     if done is not None:

@@ -368,6 +368,20 @@ def load_dataset(name: str, data_root: str | None = None, download: bool = False
     return DataBundle(name, train, test, classes, IMAGENET_MEAN, IMAGENET_STD, default_image_size(name), str(folder))
 
 
+def _stratified_order(labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """All indices in an order whose every prefix keeps the class proportions, drawn reproducibly from ``seed``."""
+    total = len(labels)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(total, generator=gen)
+    # rank of each sample within its class (in shuffled order), scaled by class size:
+    # taking the n smallest keys keeps every class's share.
+    key = torch.empty(total, dtype=torch.float64)
+    for cls in labels.unique():
+        members = order[labels[order] == cls]
+        key[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
+    return torch.argsort(key + torch.rand(total, generator=gen, dtype=torch.float64) * 1e-9)
+
+
 def stratified_subset(split: Dataset, n: int | None, seed: int, what: str) -> Dataset:
     """``n`` samples with the class proportions of the split, chosen reproducibly from ``seed``."""
     if n is None:
@@ -377,17 +391,20 @@ def stratified_subset(split: Dataset, n: int | None, seed: int, what: str) -> Da
         raise BadInputError(f"invalid config: data.{what}: {n} is larger than the split ({total} images)")
     if n == total:
         return split
-    labels = split.targets()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(total, generator=gen)
-    # rank of each sample within its class (in shuffled order), scaled by class size:
-    # taking the n smallest keys keeps every class's share.
-    key = torch.empty(total, dtype=torch.float64)
-    for cls in labels.unique():
-        members = order[labels[order] == cls]
-        key[members] = (torch.arange(len(members), dtype=torch.float64) + 0.5) / len(members)
-    chosen = torch.sort(torch.argsort(key + torch.rand(total, generator=gen, dtype=torch.float64) * 1e-9)[:n]).values
-    return Subset(split, chosen)
+    return Subset(split, torch.sort(_stratified_order(split.targets(), seed)[:n]).values)
+
+
+VALIDATION_SEED = 20261202  # one fixed validation split, whatever the run's seed: tuning compares like with like
+
+
+def validation_split(split: Dataset, n: int) -> tuple[Dataset, Dataset]:
+    """(validation, rest): ``n`` stratified training images held out for tuning, and the others to train on. The
+    split is the same for every seed, so settings tuned on it are compared on the same images."""
+    if n >= len(split):
+        raise BadInputError(f"invalid config: data.validation: {n} leaves no training images (the split has "
+                            f"{len(split)})")
+    order = _stratified_order(split.targets(), VALIDATION_SEED)
+    return Subset(split, torch.sort(order[:n]).values), Subset(split, torch.sort(order[n:]).values)
 
 
 # --------------------------------------------------------------------------- preprocessing

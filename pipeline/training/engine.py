@@ -22,7 +22,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,7 +39,6 @@ from pipeline.training.data import BatchPreprocessor, collate, default_num_worke
 from pipeline.training.distributed import DistContext
 from pipeline.errors import BadInputError, TrainingDivergedError
 from pipeline.layout import StageFolder
-from pipeline.machine import native_bf16
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -58,7 +57,6 @@ class FitResult:
     train_time_s: float
     train_images_per_s: float
     resumed_from_epoch: int
-    precision_probe: dict[str, float] = field(default_factory=dict)
     replica_max_abs_diff: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -171,7 +169,7 @@ def evaluate(model: nn.Module, loader: DataLoader, prep: BatchPreprocessor, ctx:
             "test_images": int(count)}
 
 
-# ----------------------------------------------------------------------------- precision probe
+# ----------------------------------------------------------------------------- precision
 
 
 def time_train_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device, precision: str,
@@ -194,42 +192,19 @@ def time_train_steps(task: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return len(images) / min(timings)
 
 
-BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 by this much: on a near-tie, noise would pick (and results vary)
+def choose_precision(requested: str, device: torch.device) -> str:
+    """Resolve ``auto`` by a rule, never a timing probe: fp32 on a CPU, bf16 on CUDA (fp16 without bf16).
 
-
-def pick_precision(images_per_s: dict[str, float]) -> str:
-    """fp32, unless bf16 ran clearly faster in a probe (images per second by precision)."""
-    return "bf16" if images_per_s["bf16"] >= BF16_MIN_SPEEDUP * images_per_s["fp32"] else "fp32"
-
-
-def choose_precision(requested: str, task: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                     ctx: DistContext) -> tuple[str, dict[str, float]]:
-    """Resolve 'auto': on CUDA bf16 (fp16 without bf16 support); on a CPU fp32, or bf16 where it clearly pays.
-
-    A CPU without native bf16 (AMX, AVX512-BF16, ARM BF16) trains in fp32.
-    Where it has it, whether bf16 pays depends on the chip and the model, so
-    it is measured (bf16 must be :data:`BF16_MIN_SPEEDUP` times faster). RNG
-    states are restored afterwards so the probe does not change the run;
-    rank 0 decides for every rank.
+    The same command therefore trains every model of a run (teacher, distilled student, baselines) in the same,
+    recorded arithmetic on every machine of a kind; bf16 on a CPU with native support is ``--precision bf16``.
     """
+    if requested == "fp16" and device.type == "cpu":
+        raise BadInputError("invalid config: precision fp16 is only supported on CUDA (use bf16 or fp32)")
     if requested != "auto":
-        if requested == "fp16" and ctx.device.type == "cpu":
-            raise BadInputError("invalid config: precision fp16 is only supported on CUDA (use bf16 or fp32)")
-        return requested, {}
-    if ctx.device.type == "cuda":
-        return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), {}
-    rng = capture_rng()
-    decision: dict[str, Any] = {"choice": "fp32", "probe": {}}
-    if ctx.is_main and native_bf16():
-        probe = {p: round(time_train_steps(task, images, labels, ctx.device, p), 1) for p in ("fp32", "bf16")}
-        decision = {"choice": pick_precision(probe), "probe": probe}
-    restore_rng(rng)
-    decision = ctx.broadcast(decision)
-    if decision["probe"]:
-        log.info("precision auto -> %s (train img/s measured: %s)", decision["choice"], decision["probe"])
-    else:
-        log.info("precision auto -> fp32 (this CPU has no native bf16: no AMX, AVX512-BF16 or ARM BF16)")
-    return decision["choice"], decision["probe"]
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -274,7 +249,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
     optimizer = make_optimizer(named, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, cfg))
     history: list[dict[str, Any]] = []
-    start_epoch, best_top1, best_epoch, train_time, probe = 0, -1.0, -1, 0.0, {}
+    start_epoch, best_top1, best_epoch, train_time = 0, -1.0, -1, 0.0
 
     if resume_state is not None:
         task.load_state_dict(resume_state["task"])
@@ -282,14 +257,12 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
         scheduler.load_state_dict(resume_state["scheduler"])
         start_epoch, history = resume_state["epoch"], resume_state["history"]
         best_top1, best_epoch = resume_state["best_top1"], resume_state["best_epoch"]
-        train_time, precision, probe = resume_state["train_time_s"], resume_state["precision"], resume_state["probe"]
+        train_time, precision = resume_state["train_time_s"], resume_state["precision"]
         restore_rng(resume_state["rng"][ctx.rank])
         log.info("resuming %s from epoch %d of %d (%s)", label, start_epoch, cfg.epochs, last_path)
     else:
-        sampler.set_epoch(0)
-        images, labels, idx = next(iter(loader))
-        sample = prep(images.to(ctx.device), idx, 0, len(train_set)), labels.to(ctx.device)
-        precision, probe = choose_precision(cfg.precision, task, *sample, ctx)
+        precision = choose_precision(cfg.precision, ctx.device)
+        log.info("%s trains in %s", label, precision)
 
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=precision == "fp16")
     if resume_state is not None and resume_state.get("scaler"):
@@ -351,7 +324,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
                          "task": task.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled()
                          else None, "best_top1": best_top1, "best_epoch": best_epoch, "history": history,
-                         "train_time_s": train_time, "precision": precision, "probe": probe, "rng": rng_states},
+                         "train_time_s": train_time, "precision": precision, "rng": rng_states},
                         last_path)
             atomic_write_text(folder.metrics_log, "".join(json.dumps(r) + "\n" for r in history))
         ctx.barrier()
@@ -366,7 +339,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
                      best_top1=best_top1, best_epoch=best_epoch, epochs=cfg.epochs, precision=precision,
                      train_time_s=round(train_time, 2),
                      train_images_per_s=round(total_images / max(train_time, 1e-9), 1),
-                     resumed_from_epoch=start_epoch, precision_probe=probe, replica_max_abs_diff=sync_diff)
+                     resumed_from_epoch=start_epoch, replica_max_abs_diff=sync_diff)
 
 
 def replica_divergence(task: nn.Module, ctx: DistContext) -> float | None:

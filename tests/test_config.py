@@ -1,0 +1,31 @@
+"""How settings combine: profiles, files and flags override only what they name."""
+from __future__ import annotations
+
+from pipeline.config import STUDENT_RECIPE, TrainConfig, resolve_config
+from pipeline.stages.distill import distill_settings_hash
+
+
+def test_a_partial_student_train_keeps_the_student_recipe():
+    """Regression: `student.train: {epochs: 3}` (the default profile, `pipeline distill --epochs 3`) replaced the
+    student's recipe (lr 3e-3, wd 0.01, no clipping) with the teacher's (5e-4, 0.05, clip 1.0)."""
+    plain = resolve_config().student.train
+    for cfg in (resolve_config(profile="default"), resolve_config(overrides={"student": {"train": {"epochs": 7}}}),
+                resolve_config(profile="tiny")):
+        train = cfg.student.train
+        assert (train.lr, train.weight_decay, train.grad_clip) == (plain.lr, plain.weight_decay, plain.grad_clip) \
+            == (STUDENT_RECIPE["lr"], STUDENT_RECIPE["weight_decay"], STUDENT_RECIPE["grad_clip"])
+    assert resolve_config(overrides={"student": {"train": {"epochs": 7}}}).student.train.epochs == 7
+    given = resolve_config(overrides={"student": {"train": {"lr": 0.01}}}).student.train
+    assert given.lr == 0.01 and given.weight_decay == STUDENT_RECIPE["weight_decay"]
+    teacher = resolve_config(overrides={"teacher": {"train": {"epochs": 1}}}).teacher.train
+    assert (teacher.lr, teacher.grad_clip) == (TrainConfig().lr, TrainConfig().grad_clip)
+
+
+def test_the_distill_fingerprint_holds_every_method_option_with_its_default():
+    """Options left at their defaults are fingerprinted by value: a run made when a default was different retrains
+    instead of being skipped, while spelling out a default changes nothing."""
+    base = resolve_config(overrides={"student": {"method": "kdiffusion"}})
+    spelled = resolve_config(overrides={"student": {"method": "kdiffusion", "method_options": {"chain": "poster"}}})
+    other = resolve_config(overrides={"student": {"method": "kdiffusion", "method_options": {"chain": "reduced"}}})
+    assert distill_settings_hash(base, None) == distill_settings_hash(spelled, None)
+    assert distill_settings_hash(base, None) != distill_settings_hash(other, None)

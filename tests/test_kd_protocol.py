@@ -1,0 +1,50 @@
+"""The comparison protocol of benchmarks/kd_methods.py: what is paired with what, and the interval arithmetic."""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    spec = importlib.util.spec_from_file_location("kd_methods", ROOT / "benchmarks" / "kd_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kd_methods"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("kd_methods", None)
+
+
+def test_every_grid_has_the_same_budget_and_kdiffusion_no_more(protocol):
+    sizes = {method: len(grid) for method, grid in protocol.GRIDS.items() if method != "none"}
+    assert len(set(sizes.values())) == 1, sizes
+
+
+def test_each_branch_count_is_compared_with_the_student_alone_of_that_count(protocol):
+    """Regression: the m=1/2/8 rows were compared with a student alone that had m=4 branches (another network)."""
+    chosen = {"none": [], "kd": ["--method-option", "alpha=0.9"], "kdiffusion": ["--method-option", "lambda_diff=1"]}
+    rows, alone_of = protocol.plan_rows(chosen, ["m=1", "m=8", "chain=reduced"])
+    assert alone_of["KDiffusion m=1"] == "student alone m=1" and rows["student alone m=1"] == ("none", ["--branches", "1"])
+    assert alone_of["KDiffusion m=8"] == "student alone m=8" and rows["student alone m=8"][1] == ["--branches", "8"]
+    assert alone_of["KDiffusion chain=reduced"] == alone_of["KD"] == alone_of["KDiffusion"] == "student alone"
+    assert rows["KDiffusion chain=reduced"] == ("kdiffusion", [*chosen["kdiffusion"], "--method-option",
+                                                               "chain=reduced"])
+    assert "KDiffusion shuffle=off" not in rows
+    with pytest.raises(SystemExit, match="unknown ablation"):
+        protocol.plan_rows(chosen, ["m=3"])
+
+
+def test_paired_differences_and_their_interval(protocol):
+    runs = [protocol.Run("kd", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([80.0, 81.0, 79.5])]
+    alone = [protocol.Run("none", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([78.0, 80.0, 79.0])]
+    deltas = protocol.paired(runs, alone)
+    assert deltas == [2.0, 1.0, 0.5]
+    mean, half = protocol.interval(deltas)
+    assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.303 * statistics.stdev(deltas) / 3 ** 0.5)
+    assert protocol.shown(deltas).endswith("]")  # the interval [-0.7, 3.0] includes 0: no star
+    assert protocol.shown([2.0, 2.1, 1.9]).endswith("*")
