@@ -66,7 +66,7 @@ SCALES = {
     # the test suite's: the whole protocol on a few hundred images in about a minute.
     "tiny": Scale(teacher=("--teacher", "resnet34", "--epochs", "1", "--batch-size", "64", "--augment", "flip",
                            "--subset", "320", "--eval-subset", "64"),
-                  image_size=32, subset=160, validation=64, epochs=1, batch_size=32, eval_subset=64),
+                  image_size=32, subset=160, validation=96, epochs=1, batch_size=32, eval_subset=64),
 }
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import statistics
 import sys
 
@@ -48,3 +49,26 @@ def test_paired_differences_and_their_interval(protocol):
     assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.303 * statistics.stdev(deltas) / 3 ** 0.5)
     assert protocol.shown(deltas).endswith("]")  # the interval [-0.7, 3.0] includes 0: no star
     assert protocol.shown([2.0, 2.1, 1.9]).endswith("*")
+
+
+@pytest.mark.slow
+def test_the_whole_protocol_runs_at_tiny_size(tiny_run, fashion_root, tmp_path):
+    """The script end to end on the CPU (its --device cuda --scale paper form runs the same code on a GPU):
+    tuning on the validation split, the chosen setting on two seeds, the table with paired intervals."""
+    import subprocess
+
+    results = tmp_path / "results.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "kd_methods.py"), "--scale", "tiny", "--device", "cpu",
+         "--teacher-ckpt", str(tiny_run / "teacher" / "model.pt"), "--data-root", str(fashion_root),
+         "--out", str(tmp_path / "out"), "--methods", "none,kd", "--max-settings", "1", "--seeds", "2",
+         "--ablations", "none", "--results", str(results)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    text = results.read_text()
+    assert "| KD | temperature=2 alpha=0.5 | " in text  # the one tuned setting, scored on the validation split
+    row = next(line for line in text.splitlines() if line.startswith("| KD | kd |"))
+    assert "| 2 |" in row and "[" in row  # two seeds, a paired interval against the student alone
+    runs = list((tmp_path / "out" / "runs").iterdir())
+    assert len(runs) == 2 + 2 * 2  # tuning: none + one KD setting; test: 2 methods x 2 seeds
+    tuned = [json.loads((r / "student" / "metrics.json").read_text()) for r in runs]
+    assert sorted(m["test_images"] for m in tuned) == [64] * 4 + [96] * 2  # test subset (64), validation (96)

@@ -68,6 +68,20 @@ def test_poster_chain_is_eqs_5_7_and_10():
     assert out["diff"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_teacher_noise_does_not_depend_on_the_memory_layout_of_the_teacher_features():
+    """Regression: ``randn_like`` follows strides, so a live teacher's permuted (channels-last) features and the
+    cache's contiguous copy of the same values drew the noise of eq. (5) in different places."""
+    torch.manual_seed(5)
+    z, t = [torch.randn(8, 6, 2, 2) for _ in range(4)], torch.randn(8, 5, 2, 2)
+    channels_last = t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    assert torch.equal(channels_last, t) and not channels_last.is_contiguous()
+    diffs = []
+    for teacher in (t, channels_last):
+        torch.manual_seed(9)  # the same projector weights and the same draws (running statistics start afresh)
+        diffs.append(_losses(_method(4), z, teacher)["diff"].item())
+    assert diffs[0] == diffs[1]
+
+
 def test_sigma_s_is_the_variance_of_the_branch_outputs():
     """Regression: s2 was the variance of the stack of running means (0.52 instead of 1.00 at initialisation)."""
     torch.manual_seed(4)

@@ -134,8 +134,10 @@ def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root,
     run = tmp_path / "run"
     run.mkdir()
     clone_run(finished_run / "teacher", run / "teacher")  # the teacher stage is done
+    bench_torch = tmp_path / "bench-torch.yaml"  # the bench has nothing to do with resuming: spare its exports
+    bench_torch.write_text("bench: {backends: [torch]}\n")
     args = ["run", "--profile", "tiny", "--run-dir", str(run), "--data-root", str(fashion_root), "--no-progress",
-            "--student-epochs", "2", "--no-baseline"]
+            "--student-epochs", "2", "--no-baseline", "--config", str(bench_torch)]
     kill_when_written(args, run / "student" / "checkpoints" / "last.pt")
     assert not (run / "student" / "stage.json").exists()  # killed before the distillation finished
 

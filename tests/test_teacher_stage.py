@@ -66,7 +66,7 @@ def test_saved_config_reproduces_the_settings(finished_run, stripes_root):
 
 def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
-            "--subset", "256", "--eval-subset", "64", "--batch-size", "64", "--epochs", "3", "--precision", "fp32",
+            "--subset", "192", "--eval-subset", "64", "--batch-size", "64", "--epochs", "2", "--precision", "fp32",
             "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
 
 

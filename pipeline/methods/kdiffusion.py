@@ -146,8 +146,7 @@ class KDiffusion(PairedFeatureMethod):
         else:
             means, goals = poster_chain(projected, order, self.u, self.v), []
             for k in range(len(order)):  # eq. (5): the teacher's state at tau_k, freshly noised
-                noise = torch.randn_like(target) if self.noise[k] > 0 else torch.zeros_like(target)
-                goals.append(self.signal[k] * target + self.noise[k] * s2.sqrt() * noise)
+                goals.append(self.signal[k] * target + self.noise[k] * s2.sqrt() * standard_noise(target))
         return sum(w * gaussian_nll(goal, mean, var[k]).mean()
                    for k, (w, goal, mean) in enumerate(zip(self.omega, goals, means)))
 
@@ -181,6 +180,13 @@ class KDiffusion(PairedFeatureMethod):
         if self.lambda_kd > 0 and teacher_logits is not None:
             out["kd"] = self.lambda_kd * kd_divergence(student_logits, teacher_logits, self.kd_temperature)
         return out
+
+
+def standard_noise(like: torch.Tensor) -> torch.Tensor:
+    """``eps ~ N(0, I)`` shaped like ``like``, drawn in the logical (contiguous) order: the same generator state
+    gives the same noise whatever the memory layout of ``like`` (a live teacher's features are permuted views,
+    cached ones are contiguous; ``randn_like`` would follow their strides)."""
+    return torch.randn(like.shape, dtype=like.dtype, device=like.device)
 
 
 def running_means(features: list[torch.Tensor]) -> list[torch.Tensor]:
