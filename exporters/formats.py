@@ -20,10 +20,11 @@ from typing import Any
 
 from exporters import metadata as md
 from exporters.errors import InputError
+from exporters.quantize import Int8Settings, quantize_onnx, quantize_openvino
 from exporters.sessions import RuntimeOptions, Session, metadata_of, open_session
 
-ONNX_FILE = "model.onnx"
-IR_FILE, IR_FP16_FILE = "openvino/model.xml", "openvino/model_fp16.xml"
+ONNX_FILE, ONNX_INT8_FILE = "model.onnx", "model_int8.onnx"
+IR_FILE, IR_FP16_FILE, IR_INT8_FILE = "openvino/model.xml", "openvino/model_fp16.xml", "openvino/model_int8.xml"
 
 
 @dataclass
@@ -49,6 +50,20 @@ class Check:
 
 
 @dataclass(frozen=True)
+class Int8Variant:
+    """A format's post-training INT8 twin (:mod:`exporters.quantize`), made from the format's float model file."""
+
+    files: tuple[str, ...]  # files[0] is the model file
+    source: str  # the float model file it is quantized from (and judged against)
+    tool: str  # what made it, as its metadata says
+    quantize: Callable[[Path, Path, Any, Int8Settings, dict[str, Any]], Path]  # (source, target, images, settings, meta)
+
+    @property
+    def model_file(self) -> str:
+        return self.files[0]
+
+
+@dataclass(frozen=True)
 class ExportFormat:
     name: str  # as in --formats
     runtime: str  # the runtime that opens its model file (a `pipeline bench` backend)
@@ -57,6 +72,7 @@ class ExportFormat:
     read_metadata: Callable[[Path], dict[str, Any]]
     checks: tuple[Check, ...] = ()
     requires: tuple[str, ...] = ()  # formats whose files this one is made from
+    int8: Int8Variant | None = None  # written after the float gates pass, behind the INT8 accuracy gate
 
     @property
     def model_file(self) -> str:
@@ -131,15 +147,19 @@ def _write_onnx(job: ExportJob) -> None:
 
 
 def _onnx_metadata(path: Path) -> dict[str, Any]:
-    import onnx
-
+    try:
+        import onnx
+    except ImportError:  # the runtime image ships ONNX Runtime alone: it reads the same properties
+        return open_session(path, "onnxruntime").metadata
     proto = onnx.load(str(path), load_external_data=False)
     return md.decode({p.key: p.value for p in proto.metadata_props})
 
 
 register_format(ExportFormat(
     name="onnx", runtime="onnxruntime", files=(ONNX_FILE,), write=_write_onnx, read_metadata=_onnx_metadata,
-    checks=(Check("onnxruntime CPU", ONNX_FILE),)))
+    checks=(Check("onnxruntime CPU", ONNX_FILE),),
+    int8=Int8Variant(files=(ONNX_INT8_FILE,), source=ONNX_FILE, quantize=quantize_onnx,
+                     tool="onnxruntime.quantization.quantize_static (QDQ, per-channel int8 weights)")))
 
 
 # --------------------------------------------------------------------------- OpenVINO IR
@@ -167,4 +187,6 @@ register_format(ExportFormat(
     checks=(Check("openvino CPU f32", IR_FILE, RuntimeOptions(precision="f32")),
             # OpenVINO's default precision (bf16 on CPUs with AMX/AVX512-BF16) and the FP16 IR: reported only
             Check("openvino CPU default precision", IR_FILE, gated=False, batch_sizes=(7,)),
-            Check("openvino CPU FP16 IR", IR_FP16_FILE, gated=False, batch_sizes=(7,)))))
+            Check("openvino CPU FP16 IR", IR_FP16_FILE, gated=False, batch_sizes=(7,))),
+    int8=Int8Variant(files=(IR_INT8_FILE, IR_INT8_FILE.replace(".xml", ".bin")), source=IR_FILE,
+                     quantize=quantize_openvino, tool="nncf.quantize (OpenVINO IR)")))

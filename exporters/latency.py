@@ -41,9 +41,10 @@ class Target:
 
 @dataclass
 class Variant:
-    """One model to time: the torch module and, for the other backends, its ONNX file (and optional IR)."""
+    """One model to time: the torch module and, for the other backends, its ONNX file (and optional IR). An INT8
+    artifact has no torch module: torch skips it."""
     name: str
-    module: torch.nn.Module
+    module: torch.nn.Module | None
     onnx: Path | None = None
     ir: Path | None = None
 
@@ -107,6 +108,8 @@ def make_runner(target: Target, variant: Variant, threads: int) -> Runner:
     latency options of :class:`exporters.sessions.RuntimeOptions`.
     """
     if target.backend == "torch":
+        if variant.module is None:
+            raise ValueError(f"variant {variant.name} has no torch module")
         device = torch.device(target.device)
         module = variant.module.to(device).eval()
 
@@ -167,6 +170,8 @@ def measure_target(target: Target, variants: Sequence[Variant], batch_sizes: Seq
     """One result row per (variant, batch size): timings, or ``skipped`` with the reason."""
     base = {"backend": target.backend, "device": target.device, "provider": target.provider,
             "threads": budget.threads}
+    if target.backend == "torch":  # (an INT8 artifact exists only as a runtime file)
+        variants = [v for v in variants if v.module is not None]
     reason = unavailable_reason(target)
     if reason is not None:
         return [{**base, "variant": v.name, "batch": b, "status": "skipped", "reason": reason}

@@ -50,6 +50,14 @@ def encode(meta: Mapping[str, Any]) -> dict[str, str]:
     return {PREFIX + key: value if isinstance(value, str) else json.dumps(value) for key, value in meta.items()}
 
 
+def write_onnx(proto: Any, meta: Mapping[str, Any]) -> None:
+    """Replace the ``metadata_props`` of an ``onnx.ModelProto`` with ``meta`` (encoded); other tools' entries go."""
+    del proto.metadata_props[:]
+    for key, value in encode(meta).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
 def decode(props: Mapping[str, str]) -> dict[str, Any]:
     """Inverse of :func:`encode`; keys without the prefix (other tools' metadata) are ignored."""
     meta: dict[str, Any] = {}

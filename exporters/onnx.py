@@ -58,9 +58,7 @@ def export_onnx(model: nn.Module, path: Path, input_size: tuple[int, int, int], 
         except Exception as exc:  # the exporters raise many types; all mean "could not export"
             raise ExportError(f"ONNX export ({exporter}, opset {opset}) failed: {str(exc).splitlines()[0]}") from exc
         strip_exporter_metadata(proto)
-        for key, value in md.encode(meta).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
+        md.write_onnx(proto, meta)
         proto.producer_name = "kdiff-pipeline"
         proto.doc_string = f"{meta.get('architecture')} classifier; see metadata_props kdiff.* for preprocessing"
         final = Path(tmp) / "final.onnx"

@@ -11,6 +11,8 @@ this project (only the torch-free modules :mod:`exporters.metadata`, :mod:`expor
 """
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,10 +120,19 @@ class Classifier:
         return predictions
 
 
+def format_prediction(p: Prediction, as_json: bool = False) -> str:
+    """One image's answer as ``pipeline predict`` and ``python -m exporters predict`` print it."""
+    if as_json:
+        return json.dumps({"image": p.source, "label": p.label, "index": p.index, "probability": p.probability,
+                           "top": p.top})
+    others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
+    return f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else "")
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
-__all__ = ["Classifier", "InputError", "Prediction"]
+__all__ = ["Classifier", "InputError", "Prediction", "format_prediction"]

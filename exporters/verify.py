@@ -85,13 +85,22 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     manifest = read_manifest(folder)
     hashes = check_hashes(folder, manifest)
-    expected_meta = manifest.get("metadata", {})
+    shared_meta = manifest.get("metadata", {})
+    own = {a["path"]: {"quantization": a["quantization"]} for a in manifest.get("artifacts", []) if "quantization" in a}
     smoke = []
     for name in model_files(manifest):
         path = folder / name
-        meta = format_of(path).read_metadata(path)
+        meta, expected_meta = format_of(path).read_metadata(path), {**shared_meta, **own.get(name, {})}
         if meta != expected_meta:
             differing = sorted(k for k in set(meta) | set(expected_meta) if meta.get(k) != expected_meta.get(k))
             raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in {', '.join(differing)}")
         smoke.append(smoke_inference(path, meta))
     return {"folder": str(folder), "artifacts": hashes, "models": smoke, "passed": True}
+
+
+def format_report(report: dict[str, Any], folder: str | Path) -> str:
+    """What ``pipeline verify`` and ``python -m exporters verify`` print for a verified folder."""
+    lines = [f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes" for row in report["artifacts"]]
+    lines += [f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits"
+              for row in report["models"]]
+    return "\n".join(lines + [f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)"])

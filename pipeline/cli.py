@@ -253,7 +253,11 @@ RUN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--student-epochs", "student.train.epochs", dict(type=int)),
     ("--teacher-lr", "teacher.train.lr", dict(type=float)),
     ("--student-lr", "student.train.lr", dict(type=float)),
+    ("--int8/--no-int8", "export.int8", dict(default=None, help="INT8 artifacts behind an accuracy gate (default on)")),
+    ("--calibration-images", "export.calibration_images", dict(type=int, help="INT8 calibration images (default 300)")),
+    ("--int8-preset", "export.int8_preset", dict(type=click.Choice(["mixed", "performance"]))),
 ]
+INT8_FIELDS = ("int8", "calibration_images", "int8_preset", "int8_max_drop", "int8_min_agreement", "int8_eval_images")
 RUN_GROUPS = (("", DATA_OPTIONS), ("", RUN_OPTIONS), ("teacher", TEACHER_OPTIONS), ("student", STUDENT_OPTIONS))
 STUDENT_GROUPS = (("", DATA_OPTIONS), ("student", TRAIN_OPTIONS), ("student", STUDENT_OPTIONS))
 
@@ -392,16 +396,28 @@ def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
 @click.option("--tol", "fp32_tol", type=float, help="max abs logit diff, times max(1, max |logit|) "
               + _default(ExportConfig, "fp32_tol"))
 @click.option("--min-top1-agreement", type=float, help="percent " + _default(ExportConfig, "min_top1_agreement"))
+@click.option("--int8/--no-int8", default=None, help="also write INT8 artifacts behind an accuracy gate "
+              + _default(ExportConfig, "int8"))
+@click.option("--calibration-images", type=int, help="INT8 calibration images from the training split "
+              + _default(ExportConfig, "calibration_images"))
+@click.option("--int8-preset", type=click.Choice(["mixed", "performance"]),
+              help="quantization preset " + _default(ExportConfig, "int8_preset"))
+@click.option("--int8-max-drop", type=float, help="top-1 points INT8 may lose "
+              + _default(ExportConfig, "int8_max_drop"))
+@click.option("--int8-min-agreement", type=float, help="percent top-1 agreement with the float model "
+              + _default(ExportConfig, "int8_min_agreement"))
+@click.option("--int8-eval-images", type=int, help="test images of the INT8 gate (default: the student's)")
 @click.option("--verify", is_flag=True, help="only re-run the gates on the existing artifacts (exit 3 if they fail)")
 @handle_errors
 def export(run_dir: str, formats: str | None, data_root: str | None, verify: bool, **params: Any) -> None:
-    """Export the fused student to ONNX and OpenVINO IR, gated on equivalence; writes RUN_DIR/export/."""
+    """Export the fused student to ONNX and OpenVINO IR, gated on equivalence, and their INT8 twins, gated on
+    accuracy; writes RUN_DIR/export/."""
     from pipeline.stages.export import export_settings, parse_formats, run_export
 
     if formats is not None:
         params["formats"] = list(parse_formats(formats))
     section = _section(ExportConfig, params, "formats", "opset", "exporter", "images", "fp32_tol",
-                       "min_top1_agreement")
+                       "min_top1_agreement", *INT8_FIELDS)
     with writing(run_dir) as layout:
         run_export(layout, export_settings(section), data_root, verify_only=verify)
 
@@ -452,19 +468,12 @@ def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, ima
 
     An image that cannot be read is reported on stderr and the others are still classified; the exit code is
     then 2."""
-    import json
-
-    from exporters.runtime import Classifier
+    from exporters.runtime import Classifier, format_prediction
 
     failures: list[tuple[str, str]] = []
     predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k, failures=failures)
     for p in predictions:
-        if as_json:
-            click.echo(json.dumps({"image": p.source, "label": p.label, "index": p.index,
-                                   "probability": p.probability, "top": p.top}))
-        else:
-            others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
-            click.echo(f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else ""))
+        click.echo(format_prediction(p, as_json))
     for source, reason in failures:
         click.echo(f"error: {reason}", err=True)
     if failures:
@@ -481,7 +490,7 @@ def verify(path: str, as_json: bool) -> None:
     a run directory. Needs no torch. Exit codes: 2 missing or unreadable files, 3 a file that differs."""
     import json
 
-    from exporters.verify import MANIFEST, verify_export
+    from exporters.verify import MANIFEST, format_report, verify_export
 
     from pipeline.layout import RunLayout
 
@@ -492,11 +501,7 @@ def verify(path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report))
         return
-    for row in report["artifacts"]:
-        click.echo(f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes")
-    for row in report["models"]:
-        click.echo(f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits")
-    click.echo(f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)")
+    click.echo(format_report(report, folder))
 
 
 @main.command()

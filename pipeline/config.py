@@ -180,6 +180,13 @@ class ExportConfig(_Strict):
     images: int = Field(64, ge=1, description="held-out images compared")
     fp32_tol: float = Field(1e-4, ge=0, description="times max(1, max |logit|)")
     min_top1_agreement: float = Field(100.0, ge=0, le=100)
+    int8: bool = Field(True, description="also write post-training INT8 artifacts behind an accuracy gate")
+    calibration_images: int = Field(300, ge=1, description="INT8 calibration images from the training split")
+    int8_preset: Literal["mixed", "performance"] = Field("mixed", description="NNCF quantization preset")
+    int8_max_drop: float = Field(1.0, ge=0, description="top-1 points INT8 may lose against the float export")
+    int8_min_agreement: float = Field(97.0, ge=0, le=100, description="percent top-1 agreement with float")
+    int8_eval_images: Optional[int] = Field(None, ge=1, description="test images of the INT8 gate (default: "
+                                            "those the student was evaluated on)")
 
 
     @field_validator("formats")

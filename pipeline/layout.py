@@ -77,6 +77,11 @@ class StageFolder:
         return self.path / "equivalence.json"
 
     @property
+    def int8_report(self) -> Path:
+        """``export/int8.json``: the INT8 artifacts' accuracy gate."""
+        return self.path / "int8.json"
+
+    @property
     def verify_report(self) -> Path:
         return self.path / "verify.json"
 

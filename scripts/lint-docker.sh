@@ -28,7 +28,7 @@ if [ -z "${HADOLINT:-}" ]; then
 fi
 
 files=("$@")
-[ ${#files[@]} -gt 0 ] || files=(Dockerfile Dockerfile.gpu)
+[ ${#files[@]} -gt 0 ] || files=(Dockerfile Dockerfile.gpu Dockerfile.runtime)
 log "$("$HADOLINT" --version) on ${files[*]}"
 # hadolint's default failure threshold: any finding, "info" included, fails.
 "$HADOLINT" --no-color "${files[@]}"

@@ -94,7 +94,8 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     manifest = json.loads((export_dir / "manifest.json").read_text())
     paths = {a["path"] for a in manifest["artifacts"]}
     assert paths == {"model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
-                     "openvino/model_fp16.bin"}
+                     "openvino/model_fp16.bin", "model_int8.onnx", "openvino/model_int8.xml",
+                     "openvino/model_int8.bin"}  # (the INT8 twins: tests/test_int8.py)
     for artifact in manifest["artifacts"]:
         assert file_sha256(export_dir / artifact["path"]) == artifact["sha256"]
     assert manifest["input"]["shape"] == ["batch", 3, 32, 32] and manifest["onnx"]["opset"] == 18
@@ -240,7 +241,8 @@ def test_bench_measures_cpu_targets_and_explains_missing_gpu_ones(exported, tmp_
     rows = latency["results"]
     cpu = [r for r in rows if r["device"] == "cpu"]
     assert {(r["backend"], r["variant"], r["batch"]) for r in cpu} == {
-        (b, v, n) for b in ("torch", "onnxruntime", "openvino") for v in ("fused", "unfused", "stock") for n in (1, 3)}
+        (b, v, n) for b in ("torch", "onnxruntime", "openvino") for v in ("fused", "unfused", "stock") for n in (1, 3)
+    } | {(b, "int8", n) for b in ("onnxruntime", "openvino") for n in (1, 3)}  # the export's INT8 files: no torch
     for r in cpu:
         assert r["status"] == "ok" and r["iterations"] >= 4 and 0 < r["p50_ms"] <= r["p99_ms"]
         assert r["throughput_ips"] > 0 and r["threads"] == 1
@@ -248,7 +250,7 @@ def test_bench_measures_cpu_targets_and_explains_missing_gpu_ones(exported, tmp_
     assert cuda, "GPU targets must be reported, not silently dropped"
     if not torch.cuda.is_available():
         assert all(r["status"] == "skipped" and r["reason"] for r in cuda)
-    assert {q["ratio"] for q in latency["ratios"]} == {"fused/stock", "fused/unfused"}
+    assert {q["ratio"] for q in latency["ratios"]} == {"fused/stock", "fused/unfused", "int8/fused"}
 
 
 def test_bench_bad_input(exported):

@@ -76,6 +76,9 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     old_config, new_config = yaml.safe_load(old_config_text), yaml.safe_load((run / "config.yaml").read_text())
     assert new_config["student"].pop("teacher_precision") == "auto"
     assert new_config["data"].pop("validation") is None and new_config.pop("baselines") == ["none"]
+    for key, default in (("int8", True), ("calibration_images", 300), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
+                         ("int8_min_agreement", 97.0), ("int8_eval_images", None)):
+        assert new_config["export"].pop(key) == default  # the INT8 step, added since
     for key in ("lr", "weight_decay", "grad_clip"):
         assert old_config["student"]["train"].pop(key) == getattr(TrainConfig(), key)  # the teacher's recipe
         assert new_config["student"]["train"].pop(key) == STUDENT_RECIPE[key]

@@ -86,6 +86,29 @@ for model in ({str(tiny_run / 'export' / 'model.onnx')!r}, {str(tiny_run / 'expo
     assert lines[0].split()[1:] == lines[1].split()[1:]  # same label and probability from both runtimes
 
 
+def test_the_runtime_command_line_answers_as_pipeline_predict_with_onnx_runtime_alone(tiny_run, tmp_path):
+    """`python -m exporters` (the runtime image's entrypoint) from a copy of the folder, with torch, the `onnx`
+    package, pipeline and models unimportable (the runtime image has numpy, Pillow and onnxruntime only)."""
+    shutil.copytree(ROOT / "exporters", tmp_path / "exporters", ignore=shutil.ignore_patterns("__pycache__"))
+    images = [str(f) for f in _pngs(tmp_path / "images", 3)]
+    export = tiny_run / "export"
+    runtime = "import runpy, sys; sys.path[:0] = [{root!r}]; sys.argv = ['exporters', *{args!r}]; " \
+              "runpy.run_module('exporters', run_name='__main__')"
+    blocked = ("torch", "torchvision", "pipeline", "models", "onnx")
+    for model in ("model.onnx", "model_int8.onnx"):
+        args = ["predict", "--model", str(export / model), "--top-k", "2", *images]
+        inside = _run_poisoned(runtime.format(root=str(tmp_path), args=args), blocked, tmp_path, "-I")
+        assert inside.returncode == 0, inside.stderr
+        host = run_cli(*args)
+        assert host.returncode == 0 and inside.stdout == host.stdout, (inside.stdout, host.stdout)
+    verified = _run_poisoned(runtime.format(root=str(tmp_path), args=["verify", str(export)]), blocked, tmp_path,
+                             "-I")
+    assert verified.returncode == 0 and "verified:" in verified.stdout, verified.stderr
+    missing = _run_poisoned(runtime.format(root=str(tmp_path), args=["predict", "--model", str(tmp_path / "no.onnx"),
+                                                                    images[0]]), blocked, tmp_path, "-I")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
 def test_the_ir_runs_at_the_gated_precision(tiny_run):
     from exporters.runtime import Classifier
 

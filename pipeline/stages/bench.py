@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from exporters.formats import IR_FILE, ONNX_FILE
+from exporters.formats import IR_FILE, IR_INT8_FILE, ONNX_FILE, ONNX_INT8_FILE
 from exporters.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
 from models import build_model
 from pipeline.config import BenchConfig
@@ -66,7 +66,25 @@ def load_variants(layout: RunLayout, work_dir: Path, need_onnx: bool) -> tuple[l
                 variant.ir = export / IR_FILE if (export / IR_FILE).exists() else None
             else:
                 variant.onnx = export_variant_onnx(variant.module, work_dir / f"{variant.name}.onnx", meta)
+        int8 = int8_variant(layout)
+        if int8 is not None:
+            variants.insert(1, int8)
     return variants, info
+
+
+def int8_variant(layout: RunLayout) -> Variant | None:
+    """The export stage's INT8 artifacts (they passed its accuracy gate) as one variant, when the stage made them."""
+    export = layout.export
+    if not (export.marker.exists() and (export / ONNX_INT8_FILE).exists()):
+        return None
+    return Variant("int8", None, export / ONNX_INT8_FILE,
+                   export / IR_INT8_FILE if (export / IR_INT8_FILE).exists() else None)
+
+
+def int8_digests(layout: RunLayout) -> dict[str, str]:
+    """sha256 of the INT8 artifacts a measurement times (a new quantization is a new measurement)."""
+    return {name: file_sha256(layout.export / name) for name in (ONNX_INT8_FILE, IR_INT8_FILE)
+            if (layout.export / name).exists()}
 
 
 def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Sequence[str] = ("cpu",),
@@ -78,9 +96,11 @@ def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Se
     stage = Stage(layout.bench, "bench")
     if not layout.fused.model.is_file():
         raise BadInputError(f"no fused student in {layout.fused.path}; run `pipeline fuse` first")
+    int8 = int8_digests(layout)
     settings_hash = settings_digest({"backends": list(backends), "devices": list(devices),
                                      "batch_sizes": list(batch_sizes), "budget": vars(budget),
-                                     "fused": file_sha256(layout.fused.model)})
+                                     "fused": file_sha256(layout.fused.model),
+                                     **({"int8": int8} if int8 else {})})
     done = stage.finished(settings_hash) if reuse else None
     if done is not None:
         log.info("bench: measured already for this fused student and these settings; skipping")
@@ -98,7 +118,7 @@ def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Se
                    "duration_s": None if budget.iterations else budget.duration, "interleaved_chunk": budget.chunk},
         "batch_sizes": list(batch_sizes),
         "results": rows,
-        "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused"),
+        "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused") + ratios(rows, "int8", "fused"),
     }
     atomic_write_json(stage.folder.latency, result)
     log.info("bench:\n%s", format_table(result))

@@ -8,6 +8,13 @@ Runtime (CPU provider) and OpenVINO (CPU, f32 inference precision) with the
 fused PyTorch model on real held-out images at batch sizes 1 and 7; OpenVINO's
 default precision and the FP16 IR are measured and reported, not gated. A
 failed gate exits with code 3 and leaves no artifact behind.
+
+Then, unless ``int8`` is off, each format's INT8 twin (``model_int8.onnx``,
+``openvino/model_int8.{xml,bin}``, :mod:`exporters.quantize`) is calibrated on
+images of the training split and judged on the student's test images against
+its own float file: top-1 drop and top-1 agreement, written to ``int8.json``.
+A failed INT8 gate exits with code 3 too, removes the INT8 files and leaves the
+float artifacts as they were, with their manifest: they stay shippable.
 """
 from __future__ import annotations
 
@@ -20,14 +27,17 @@ import torch
 
 from exporters import metadata as md
 from exporters.equivalence import Comparison, Tolerances, compare_runner, gate, judge
+from exporters.errors import GateFailedError
 from exporters.formats import ONNX_FILE, ExportFormat, ExportJob, format_names, get_format, with_requirements
+from exporters.quantize import Int8Result, Int8Settings, judge_int8, predictions, quantization_meta
+from exporters.sessions import RuntimeOptions
 from exporters.verify import check_hashes, read_manifest
 from pipeline.config import ExportConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
 from pipeline.stages.base import Stage, StageRun, StageSpec
-from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused
-from pipeline.training.checkpoint import atomic_write_json, file_sha256, settings_digest
+from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused, run_seed
+from pipeline.training.checkpoint import atomic_write_json, file_sha256, read_json, settings_digest
 from pipeline.training.data import preprocessing_spec
 
 log = logging.getLogger(__name__)
@@ -46,10 +56,16 @@ class ExportSettings:
     exporter: str = "dynamo"
     images: int = 64
     tolerances: Tolerances = field(default_factory=Tolerances)
+    int8: Int8Settings | None = field(default_factory=Int8Settings)  # None: no INT8 artifacts
+    int8_eval_images: int | None = None  # None: the images the student was tested on
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings of the float artifacts (the INT8 step's are :meth:`int8_dict`)."""
         return {"formats": list(self.formats), "opset": self.opset, "exporter": self.exporter, "images": self.images,
                 "tolerances": vars(self.tolerances)}
+
+    def int8_dict(self) -> dict[str, Any] | None:
+        return None if self.int8 is None else {**self.int8.as_dict(), "eval_images": self.int8_eval_images}
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -89,7 +105,11 @@ def artifact_list(folder: StageFolder, formats: Sequence[ExportFormat]) -> list[
 
 def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | None = None,
                verify_only: bool = False) -> dict[str, Any]:
-    """Export (or with ``verify_only`` re-check existing artifacts); raises GateFailedError on a failed gate."""
+    """Export (or with ``verify_only`` re-check existing artifacts); raises GateFailedError on a failed gate.
+
+    The float artifacts and the INT8 step are judged up to date separately: ``stage.json`` holds the float
+    artifacts' settings hash and, once the INT8 twins passed their gate, the INT8 settings' hash. Changing only
+    the INT8 settings (or a failed INT8 gate) never rewrites the float files."""
     from exporters.onnx import INPUT_NAME, OUTPUT_NAME
 
     info = fused_info(layout)
@@ -100,11 +120,17 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
                     config_sha256=file_sha256(layout.config) if layout.config.exists() else None,
                     preprocessing=preprocessing_spec(dataset, size, info["mean"], info["std"]))
     settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
+    int8_hash = settings_digest({"int8": settings.int8_dict(), "float": settings_hash}) if settings.int8 else None
     to_write = with_requirements(settings.formats)
     done = None if verify_only else stage.finished(settings_hash)
-    if done is not None:
+    if done is not None and done.get("int8_hash") == int8_hash and done.get("int8_passed", True):
         log.info("export: artifacts are up to date with the fused student; skipping")
         return done
+    if done is not None:
+        log.info("export: the float artifacts are up to date; only the INT8 step runs")
+        files = artifact_list(stage.folder, to_write)
+        return finish_int8(layout, stage, settings, settings_hash, int8_hash, to_write, files, meta, info, dataset,
+                           data_root, {k: done[k] for k in ("formats", "opset", "equivalence_passed") if k in done})
     model, info = load_fused(layout)
     if not verify_only:
         stage.marker.unlink(missing_ok=True)
@@ -137,12 +163,78 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     if verify_only:
         log.info("export: the artifacts in %s still match the fused student", stage.dir)
         return report
-
     manifest = build_manifest(stage.folder, files, meta, settings)
     atomic_write_json(stage.folder.manifest, manifest)
-    return stage.mark_complete(settings_hash, files + ["manifest.json", "equivalence.json"],
-                               {"formats": list(settings.formats), "opset": manifest["onnx"]["opset"],
-                                "equivalence_passed": True})
+    summary = {"formats": list(settings.formats), "opset": manifest["onnx"]["opset"], "equivalence_passed": True}
+    stage.mark_complete(settings_hash, files + list(STAGE.outputs), summary)  # the float artifacts are final
+    return finish_int8(layout, stage, settings, settings_hash, int8_hash, to_write, files, meta, info, dataset,
+                       data_root, summary)
+
+
+def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, settings_hash: str, int8_hash: str | None,
+                formats: Sequence[ExportFormat], files: list[str], meta: dict[str, Any], info: dict[str, Any],
+                dataset: str, data_root: str | None, summary: dict[str, Any]) -> dict[str, Any]:
+    """The INT8 step after the float artifacts are final: quantize, judge, and list what passed in the manifest
+    and ``stage.json``; with INT8 off, remove what an earlier run left. The float files are never touched."""
+    int8_files = [name for fmt in formats if fmt.int8 for name in fmt.int8.files]
+    for name in int8_files:
+        (stage.folder / name).unlink(missing_ok=True)
+    if settings.int8 is None:
+        stage.folder.int8_report.unlink(missing_ok=True)
+        atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
+        return stage.mark_complete(settings_hash, files + list(STAGE.outputs), summary)
+    results, tags = quantize_and_judge(layout, stage.folder, formats, settings, meta, info, dataset, data_root)
+    if not all(r.passed for r in results):
+        for name in int8_files:
+            (stage.folder / name).unlink(missing_ok=True)
+        atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
+        stage.mark_complete(settings_hash, files + list(STAGE.outputs), {**summary, "int8_passed": False})
+        failed = "; ".join(r.describe() for r in results if not r.passed)
+        raise GateFailedError(f"export INT8 accuracy gate failed: {failed}. The INT8 files were removed; the float "
+                              f"artifacts in {stage.dir} passed their gates and are the ones to ship")
+    manifest = build_manifest(stage.folder, files + int8_files, meta, settings)
+    for artifact in manifest["artifacts"]:  # what an INT8 model carries beside the shared metadata
+        if artifact["path"] in tags:
+            artifact["quantization"] = tags[artifact["path"]]
+    manifest["int8"] = [r.as_dict() for r in results]
+    atomic_write_json(stage.folder.manifest, manifest)
+    int8 = {r.file: {"top1": r.int8_top1, "drop": r.drop, "agreement": r.agreement} for r in results}
+    return stage.mark_complete(settings_hash, files + list(STAGE.outputs) + int8_files + ["int8.json"],
+                               {**summary, "int8_hash": int8_hash, "int8": int8})
+
+
+def quantize_and_judge(layout: RunLayout, folder: StageFolder, formats: Sequence[ExportFormat],
+                       settings: ExportSettings, meta: dict[str, Any], info: dict[str, Any], dataset: str,
+                       data_root: str | None) -> tuple[list[Int8Result], dict[str, dict[str, Any]]]:
+    """Write each format's INT8 twin, calibrated on training images, and judge it against its float file on the
+    student's test images; ``int8.json`` records the verdicts (written whether they pass or not). Returns the
+    verdicts and the ``quantization`` metadata of each INT8 model file."""
+    int8 = settings.int8
+    assert int8 is not None
+    seed, size = run_seed(layout), info["input_size"][-1]
+    where = {"dataset": dataset, "image_size": size}
+    calibration = held_out(where, data_root, int8.calibration_images, seed, split="train")[0].numpy()
+    count = settings.int8_eval_images or (read_json(layout.fused.metrics) or {}).get("test_images") or 10**9
+    images, labels = (t.numpy() for t in held_out(where, data_root, count, seed))
+    results, tags = [], {}
+    for fmt in formats:
+        if fmt.int8 is None:
+            continue
+        variant = fmt.int8
+        tags[variant.model_file] = quantization_meta(int8, variant.tool, calibration, seed)
+        variant.quantize(folder / variant.source, folder / variant.model_file, calibration, int8,
+                         {**meta, "quantization": tags[variant.model_file]})
+        exact = fmt.open(folder / variant.source, RuntimeOptions(precision="f32")).run
+        results.append(judge_int8(variant.model_file, variant.source,
+                                  predictions(fmt.open(folder / variant.model_file).run, images),
+                                  predictions(exact, images), labels, int8))
+    for r in results:
+        log.info("export: INT8 %s -> %s", r.describe(), "ok" if r.passed else "FAILED")
+    atomic_write_json(folder.int8_report, {
+        "passed": all(r.passed for r in results), "settings": int8.as_dict(), "calibration": {
+            "images": len(calibration), "split": "train", "seed": seed}, "test_images": len(labels),
+        "results": [r.as_dict() for r in results]})
+    return results, tags
 
 
 def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, Any],
@@ -172,8 +264,10 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
 
 def export_settings(e: ExportConfig) -> ExportSettings:
     """The export stage's settings from the config's ``export`` section."""
+    int8 = Int8Settings(e.calibration_images, e.int8_preset, e.int8_max_drop, e.int8_min_agreement) if e.int8 else None
     return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
-                          Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement))
+                          Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement), int8,
+                          e.int8_eval_images)
 
 
 def run_export_stage(run: StageRun) -> dict[str, Any]:

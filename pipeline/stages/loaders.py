@@ -123,14 +123,16 @@ def run_seed(layout: RunLayout) -> int:
         return 0
 
 
-def held_out(meta: dict[str, Any], data_root: str | None, count: int, seed: int = 0
+def held_out(meta: dict[str, Any], data_root: str | None, count: int, seed: int = 0, split: str = "test"
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` preprocessed images of the test split the student was evaluated on, and their labels.
+    """``count`` preprocessed images of the test split the student was evaluated on (``split="train"``: of the
+    training split, e.g. for INT8 calibration), stratified and seeded, and their labels.
 
     ``meta`` needs ``dataset`` and ``image_size``."""
     bundle = load_dataset(meta["dataset"], data_root, False, meta["image_size"])
-    test = stratified_subset(bundle.test, min(count, len(bundle.test)), seed, "eval_subset")
-    items = [test[i] for i in range(len(test))]
+    source = bundle.test if split == "test" else bundle.train
+    chosen = stratified_subset(source, min(count, len(source)), seed, "eval_subset" if split == "test" else split)
+    items = [chosen[i] for i in range(len(chosen))]
     images = torch.stack([item[0] for item in items])
     labels = torch.tensor([int(item[1]) for item in items])
     return BatchPreprocessor(meta["image_size"], bundle.mean, bundle.std)(images), labels

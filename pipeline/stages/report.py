@@ -27,7 +27,7 @@ def sources(layout: RunLayout) -> list[Path]:
             layout.student.metrics, layout.student.metrics_log,
             *[path for b in baselines for path in (b.metrics, b.metrics_log)],
             layout.fused.metrics, layout.fused.equivalence, layout.export.equivalence, layout.export.manifest,
-            layout.bench.latency]
+            layout.export.int8_report, layout.bench.latency]
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -85,7 +85,49 @@ def collect(layout: RunLayout) -> dict[str, Any]:
         "artifacts": {"input": export_manifest.get("input"), "output": export_manifest.get("output"),
                       "files": export_manifest.get("artifacts", []), "onnx": export_manifest.get("onnx")},
         "stages": manifest.get("stages", {}),
+        "deployables": deployables(export_manifest, read_json(layout.export.int8_report), fused.get("top1"), latency),
     }
+
+
+# The model files of the export folder, as a user picks one: (file, format, precision, runtime, bench variant).
+MODEL_FILES = (("model.onnx", "ONNX", "fp32", "onnxruntime", "fused"),
+               ("model_int8.onnx", "ONNX (QDQ)", "int8", "onnxruntime", "int8"),
+               ("openvino/model.xml", "OpenVINO IR", "fp32", "openvino", "fused"),
+               ("openvino/model_fp16.xml", "OpenVINO IR", "fp16 weights", "openvino", None),
+               ("openvino/model_int8.xml", "OpenVINO IR", "int8", "openvino", "int8"))
+
+
+def deployables(manifest: dict[str, Any], int8: dict[str, Any] | None, fused_top1: float | None,
+                latency: dict[str, Any]) -> dict[str, Any]:
+    """One row per model file in the export folder (format, precision, bytes with its weights, test top-1,
+    top-1 agreement with fp32, batch-1 CPU p50) and which file to ship."""
+    sizes = {a["path"]: a["bytes"] for a in manifest.get("artifacts", [])}
+    judged = {r["file"]: r for r in (int8 or {}).get("results", [])}
+    float_top1 = {r["float_file"]: r["float_top1"] for r in judged.values()}
+    p50 = {(r["backend"], r["variant"]): r["p50_ms"] for r in latency.get("results", [])
+           if r.get("status") == "ok" and r["device"] == "cpu" and r["batch"] == 1}
+    rows = []
+    for file, fmt, precision, runtime, variant in MODEL_FILES:
+        if file not in sizes:
+            continue
+        weights = file.replace(".xml", ".bin") if file.endswith(".xml") else f"{file}.data"
+        row = {"file": file, "format": fmt, "precision": precision, "runtime": runtime,
+               "bytes": sizes[file] + sizes.get(weights, 0), "top1": None, "agreement": None,
+               "p50_ms_batch1": p50.get((runtime, variant)) if variant else None}
+        if file in judged:
+            row.update(top1=judged[file]["int8_top1"], agreement=judged[file]["agreement"])
+        elif precision == "fp32":  # the fused student's function, proven by the export gates
+            row.update(top1=float_top1.get(file, fused_top1), agreement=100.0)
+        rows.append(row)
+    passed = [r for r in rows if r["precision"] == "int8"]
+    if passed:
+        ship = {"file": min(passed, key=lambda r: r["bytes"])["file"],
+                "why": "the INT8 artifacts passed their accuracy gate"}
+    elif int8 and not int8.get("passed", True):
+        ship = {"file": "model.onnx", "why": "INT8 failed its accuracy gate; the float artifacts passed theirs"}
+    else:
+        ship = {"file": "model.onnx", "why": "no INT8 artifacts were made (--no-int8)"}
+    return {"rows": rows, "ship": ship if rows else None, "int8_gate": int8}
 
 
 # --------------------------------------------------------------------------- plots
@@ -269,6 +311,21 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                           for q in latency["ratios"]])
         if "latency" in plots:
             md += [f"![latency]({plots['latency']})", ""]
+
+    deploy = report.get("deployables") or {}
+    if deploy.get("rows"):
+        gate = deploy.get("int8_gate") or {}
+        settings = gate.get("settings") or {}
+        md += ["## Models to ship", "",
+               f"**Ship `export/{deploy['ship']['file']}`**: {deploy['ship']['why']}."
+               + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
+                  f"{settings['min_agreement']:g}% on {gate.get('test_images')} test images; calibrated on "
+                  f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
+               ""]
+        md += _table(["file", "format", "precision", "size (MB)", "test top-1", "agreement with fp32",
+                      "batch-1 CPU p50 (ms)"],
+                     [(f"`{r['file']}`", r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
+                       _fmt(r["agreement"], ".2f", "%"), _fmt(r["p50_ms_batch1"], ".3f")) for r in deploy["rows"]])
 
     art = report["artifacts"]
     if art.get("files"):
