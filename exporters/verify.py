@@ -12,6 +12,7 @@ What a device-side user runs before trusting a folder they received
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,13 @@ def smoke_inference(path: Path, meta: dict[str, Any], batch: int = 2) -> dict[st
     return {"path": str(path), "input_shape": list(shape), "output_shape": list(logits.shape)}
 
 
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook that refuses it
+        return False
+
+
 def verify_export(folder: str | Path) -> dict[str, Any]:
     """All three checks on an export folder; returns what was checked, raises on the first failure."""
     folder = Path(folder)
@@ -87,15 +95,22 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     hashes = check_hashes(folder, manifest)
     shared_meta = manifest.get("metadata", {})
     own = {a["path"]: {"quantization": a["quantization"]} for a in manifest.get("artifacts", []) if "quantization" in a}
-    smoke = []
+    smoke, unchecked = [], []
     for name in model_files(manifest):
         path = folder / name
+        runtime = format_of(path).runtime
+        if not installed(runtime):  # e.g. a device image with ONNX Runtime alone
+            unchecked.append({"path": str(path), "reason": f"{runtime} is not installed here"})
+            continue
         meta, expected_meta = format_of(path).read_metadata(path), {**shared_meta, **own.get(name, {})}
         if meta != expected_meta:
             differing = sorted(k for k in set(meta) | set(expected_meta) if meta.get(k) != expected_meta.get(k))
             raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in {', '.join(differing)}")
         smoke.append(smoke_inference(path, meta))
-    return {"folder": str(folder), "artifacts": hashes, "models": smoke, "passed": True}
+    if not smoke:
+        raise InputError(f"{folder}: no model in {MANIFEST} can be opened here: "
+                         + "; ".join(f"{u['path']}: {u['reason']}" for u in unchecked))
+    return {"folder": str(folder), "artifacts": hashes, "models": smoke, "unchecked": unchecked, "passed": True}
 
 
 def format_report(report: dict[str, Any], folder: str | Path) -> str:
@@ -103,4 +118,5 @@ def format_report(report: dict[str, Any], folder: str | Path) -> str:
     lines = [f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes" for row in report["artifacts"]]
     lines += [f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits"
               for row in report["models"]]
+    lines += [f"--  {row['path']}: sha256 checked; not opened ({row['reason']})" for row in report.get("unchecked", [])]
     return "\n".join(lines + [f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)"])

@@ -104,9 +104,28 @@ def test_the_runtime_command_line_answers_as_pipeline_predict_with_onnx_runtime_
     verified = _run_poisoned(runtime.format(root=str(tmp_path), args=["verify", str(export)]), blocked, tmp_path,
                              "-I")
     assert verified.returncode == 0 and "verified:" in verified.stdout, verified.stderr
+    # a device with ONNX Runtime alone: every file's sha256 is checked, the IR files are said to be left unopened
+    verified = _run_poisoned(runtime.format(root=str(tmp_path), args=["verify", str(export)]),
+                             (*blocked, "openvino"), tmp_path, "-I")
+    assert verified.returncode == 0, verified.stderr
+    assert "model_int8.xml: sha256 checked; not opened (openvino is not installed here)" in verified.stdout
+    assert "ok  model_int8.bin  sha256" in verified.stdout.replace("openvino/", "")
     missing = _run_poisoned(runtime.format(root=str(tmp_path), args=["predict", "--model", str(tmp_path / "no.onnx"),
                                                                     images[0]]), blocked, tmp_path, "-I")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_every_shipped_file_has_the_permissions_of_a_plainly_written_file(tiny_run):
+    """Regression: files written through a temporary file (manifest.json, equivalence.json, int8.json) were 0600,
+    so a device user or a container with another uid could read the models but not the manifest that vouches for
+    them."""
+    from pipeline.training.checkpoint import plain_file_mode
+
+    expected = plain_file_mode()
+    modes = {p.relative_to(tiny_run).as_posix(): p.stat().st_mode & 0o777 for p in (tiny_run / "export").rglob("*")
+             if p.is_file()}
+    assert "export/manifest.json" in modes and "export/model_int8.onnx" in modes
+    assert modes == {name: expected for name in modes}
 
 
 def test_the_ir_runs_at_the_gated_precision(tiny_run):

@@ -32,6 +32,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def plain_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file under the current umask (0644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename the result onto ``path``."""
     path = Path(path)
@@ -44,6 +51,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, plain_file_mode())  # mkstemp makes 0600; the result reads like any file the user writes
         os.replace(tmp, path)
     finally:
         if tmp.exists():
