@@ -86,6 +86,7 @@ GRIDS: dict[str, list[list[str]]] = {
     "sp": [option_flags(beta=b) for b in (30, 100, 300, 1000)],
     "rkd": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
     "vid": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
+    "ofd": [option_flags(beta=b) for b in (0.3, 1, 3, 10)],
     "kdiffusion": [*(option_flags(lambda_diff=lam) for lam in (0.1, 1, 10)),
                    option_flags(lambda_diff=1, variance="learned")],
 }
@@ -201,7 +202,9 @@ class Protocol:
     def test(self, rows: dict[str, tuple[str, list[str]]], teacher: Path) -> dict[str, list[Run]]:
         runs = {label: [Run(method, flags, seed, tuning=False) for seed in range(self.args.seeds)]
                 for label, (method, flags) in rows.items()}
-        self.train_all([r for group in runs.values() for r in group], teacher)
+        # seed-major: an interrupted protocol has every row at the same seed count (rerun with fewer --seeds to
+        # print the table from the finished runs)
+        self.train_all([group[seed] for seed in range(self.args.seeds) for group in runs.values()], teacher)
         return runs
 
 
@@ -302,7 +305,8 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
 
 
 LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet", "at": "AT", "pkt": "PKT",
-          "sp": "SP", "rkd": "RKD", "vid": "VID", "kdiffusion": "KDiffusion"}
+          "sp": "SP", "rkd": "RKD", "vid": "VID", "ofd": "OFD",
+          "kdiffusion": "KDiffusion"}
 
 
 def main() -> None:

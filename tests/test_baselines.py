@@ -1,4 +1,4 @@
-"""The relational and variational baselines of the poster's tables (PKT, SP, RKD, VID), each against values
+"""The relational, variational and overhaul baselines of the poster's tables (PKT, SP, RKD, VID, OFD), each against values
 computed by hand with plain Python loops, plus a training step through the method interface."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.methods import create_method
-from pipeline.methods.feature import pkt_loss, rkd_loss, sp_loss, vid_nll
+from pipeline.methods.feature import negative_mean, ofd_partial_l2, pkt_loss, rkd_loss, sp_loss, vid_nll
 
 
 def _vectors(x: torch.Tensor) -> list[list[float]]:
@@ -94,7 +94,42 @@ def test_vid_by_hand():
     assert vid_nll(mean, teacher, raw).item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["pkt", "sp", "rkd", "vid"])
+def test_ofd_by_hand():
+    student, teacher = _features(8), _features(9)
+    margins = []
+    for c in range(3):
+        negatives = [teacher[b, c, i, j].item() for b in range(4) for i in range(2) for j in range(2)
+                     if teacher[b, c, i, j].item() < 0]
+        margins.append(sum(negatives) / len(negatives) if negatives else 0.0)
+    assert negative_mean(teacher).flatten().tolist() == pytest.approx(margins, rel=1e-12)
+    assert negative_mean(teacher.abs()).abs().sum().item() == 0  # no negative response: no margin
+    target = torch.maximum(teacher, torch.tensor(margins, dtype=torch.float64).view(1, 3, 1, 1))
+    terms = []
+    for b in range(4):
+        for c in range(3):
+            for i in range(2):
+                for j in range(2):
+                    s, t = student[b, c, i, j].item(), target[b, c, i, j].item()
+                    terms.append(0.0 if (s <= t and t <= 0) else (s - t) ** 2)
+    assert ofd_partial_l2(student, target).item() == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert 0 < sum(t == 0.0 for t in terms) < len(terms)  # both cases occur in this example
+
+
+def test_ofd_margin_is_a_running_estimate_frozen_at_evaluation():
+    method = create_method("ofd", {})
+    method.setup(1, [("final", "stage4", (6, 2, 2), (3, 2, 2))], {"stage4": None})
+    first, second = _features(10).float(), _features(11).float()
+    method.margin(0, first)
+    assert torch.allclose(method.margin_0, negative_mean(first))
+    method.margin(0, second)
+    assert torch.allclose(method.margin_0, 0.9 * negative_mean(first) + 0.1 * negative_mean(second))
+    method.eval()
+    frozen = method.margin_0.clone()
+    method.margin(0, _features(12).float())
+    assert torch.equal(method.margin_0, frozen)
+
+
+@pytest.mark.parametrize("name", ["pkt", "sp", "rkd", "vid", "ofd"])
 def test_each_baseline_trains_the_student_through_the_method_interface(name):
     torch.manual_seed(8)
     method = create_method(name, {})

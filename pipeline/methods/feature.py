@@ -257,3 +257,63 @@ class VID(PairedFeatureMethod):
             mean = self.regressors[i](F.adaptive_avg_pool2d(student, size)).float()
             total = total + vid_nll(mean, F.adaptive_avg_pool2d(teacher, size), self.raw_variances[i])
         return {"ce": self.cross_entropy(student_logits, labels), "vid": self.beta * total}
+
+
+# ------------------------------------------------------------------------------------------ OFD
+
+
+def negative_mean(teacher: torch.Tensor) -> torch.Tensor:
+    """Per channel, the mean of the teacher's negative responses (0 where a channel has none), shape (1, C, 1, 1):
+    the margin of OFD's margin ReLU, ``E[t | t < 0]``, estimated from the batch."""
+    negative = (teacher < 0).to(teacher.dtype)
+    total = (teacher * negative).sum(dim=(0, 2, 3))
+    count = negative.sum(dim=(0, 2, 3))
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total)).view(1, -1, 1, 1)
+
+
+def ofd_partial_l2(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """OFD's partial L2 (Heo et al., 2019), averaged over elements: ``(s - t)^2`` except where the target is not
+    positive and the student is already below it (the teacher's negative responses are not copied, only kept
+    negative)."""
+    skip = (student <= target) & (target <= 0)
+    return ((student - target) ** 2 * (~skip).to(student.dtype)).mean()
+
+
+@register_method("ofd")
+class OFD(PairedFeatureMethod):
+    """CE + beta * OFD at each point: the projected student feature (a 1x1 conv + BN on the point's pre-activation
+    output) against the teacher feature through a margin ReLU ``max(t, m_c)``, with the partial L2.
+
+    The paper takes the margin from the teacher's BatchNorm statistics before its ReLU; our taps are stage outputs
+    of any teacher (a Swin has no BN, a ResNet's are after the ReLU), so ``m_c`` is a running (EMA 0.9) estimate
+    of ``E[t | t < 0]`` per channel from the teacher's own features; it is 0 when they are never negative."""
+
+    def __init__(self, beta: float = 1.0, **options: Any):
+        super().__init__(**options)
+        check(beta >= 0, f"beta must be >= 0 (got {beta})")
+        self.beta = float(beta)
+
+    def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
+        super().setup(m, pairs, next_parts)
+        for i, (*_, ts) in enumerate(pairs):  # buffers: saved for resume, broadcast from rank 0 under DDP
+            self.register_buffer(f"margin_{i}", torch.zeros(1, ts[0], 1, 1))
+        self.register_buffer("margins_initialised", torch.zeros(len(pairs), dtype=torch.bool))
+
+    @torch.no_grad()
+    def margin(self, i: int, teacher: torch.Tensor) -> torch.Tensor:
+        margin = self.get_buffer(f"margin_{i}")
+        if not bool(self.margins_initialised[i]):
+            margin.copy_(negative_mean(teacher))
+            self.margins_initialised[i] = True
+        elif self.training:
+            margin.mul_(0.9).add_(0.1 * negative_mean(teacher))
+        return margin
+
+    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+        total = student_logits.new_zeros(())
+        for i, (s_tap, t_tap) in enumerate(self.pairs):
+            estimate = self.projectors[i](mean_feature(branches[s_tap])).float()
+            teacher = match_size(teacher_feats[t_tap].detach().float(), estimate)
+            target = torch.maximum(teacher, self.margin(i, teacher))
+            total = total + ofd_partial_l2(estimate, target)
+        return {"ce": self.cross_entropy(student_logits, labels), "ofd": self.beta * total}
