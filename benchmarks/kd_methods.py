@@ -87,6 +87,7 @@ GRIDS: dict[str, list[list[str]]] = {
     "rkd": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
     "vid": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
     "ofd": [option_flags(beta=b) for b in (0.3, 1, 3, 10)],
+    "reviewkd": [["--points", "multi", *option_flags(beta=b)] for b in (0.3, 1, 3, 10)],
     "kdiffusion": [*(option_flags(lambda_diff=lam) for lam in (0.1, 1, 10)),
                    option_flags(lambda_diff=1, variance="learned")],
 }
@@ -306,7 +307,7 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
 
 LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet", "at": "AT", "pkt": "PKT",
           "sp": "SP", "rkd": "RKD", "vid": "VID", "ofd": "OFD",
-          "kdiffusion": "KDiffusion"}
+          "reviewkd": "ReviewKD", "kdiffusion": "KDiffusion"}
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""The relational, variational and overhaul baselines of the poster's tables (PKT, SP, RKD, VID, OFD), each against values
+"""The relational, variational and overhaul baselines of the poster's tables (PKT, SP, RKD, VID, OFD,
+ReviewKD), each against values
 computed by hand with plain Python loops, plus a training step through the method interface."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.methods import create_method
-from pipeline.methods.feature import negative_mean, ofd_partial_l2, pkt_loss, rkd_loss, sp_loss, vid_nll
+from pipeline.methods.feature import hcl_loss, negative_mean, ofd_partial_l2, pkt_loss, rkd_loss, sp_loss, vid_nll
 
 
 def _vectors(x: torch.Tensor) -> list[list[float]]:
@@ -129,7 +130,42 @@ def test_ofd_margin_is_a_running_estimate_frozen_at_evaluation():
     assert torch.equal(method.margin_0, frozen)
 
 
-@pytest.mark.parametrize("name", ["pkt", "sp", "rkd", "vid", "ofd"])
+def test_reviewkd_hierarchical_context_loss_by_hand():
+    student, teacher = _features(13, size=4), _features(14, size=4)
+
+    def mse(a, b):
+        return sum((x - y) ** 2 for x, y in zip(a, b)) / len(a)
+
+    def pooled(x, level):  # average over (4 / level) x (4 / level) windows, plain loops
+        k = 4 // level
+        return [sum(x[b, c, i * k + u, j * k + v].item() for u in range(k) for v in range(k)) / k / k
+                for b in range(4) for c in range(3) for i in range(level) for j in range(level)]
+
+    full = mse(pooled(student, 4), pooled(teacher, 4))
+    expected = (full + 0.5 * mse(pooled(student, 2), pooled(teacher, 2)) + 0.25 * mse(pooled(student, 1),
+                pooled(teacher, 1))) / 1.75  # level 4 is not smaller than the 4x4 map: skipped
+    assert hcl_loss(student, teacher).item() == pytest.approx(expected, rel=1e-12)
+    assert hcl_loss(student[..., :1, :1], teacher[..., :1, :1]).item() == pytest.approx(
+        mse(pooled(student, 4)[::16], pooled(teacher, 4)[::16]), rel=1e-12)  # 1x1: the plain MSE
+
+
+def test_reviewkd_fuses_each_point_with_the_deeper_ones():
+    torch.manual_seed(9)
+    method = create_method("reviewkd", {"mid_channels": 4})
+    method.setup(2, [("final", "stage4", (6, 1, 1), (5, 1, 1)), ("stage3", "stage3", (3, 2, 2), (4, 2, 2))],
+                 {"stage4": None, "stage3": None})
+    deep = [torch.randn(8, 6, 1, 1, requires_grad=True) for _ in range(2)]
+    shallow = [torch.randn(8, 3, 2, 2) for _ in range(2)]
+    out = method.losses(student_logits=torch.randn(8, 3), labels=torch.zeros(8, dtype=torch.long),
+                        branches={"final": deep, "stage3": shallow},
+                        teacher_feats={"stage4": torch.randn(8, 5, 1, 1), "stage3": torch.randn(8, 4, 2, 2)})
+    out["reviewkd"].backward()
+    assert method.fusions[0].attention is None and method.fusions[1].attention is not None
+    assert method.fusions[1].attention.weight.grad.abs().sum() > 0  # the shallow point's fusion learns
+    assert all(b.grad.abs().sum() > 0 for b in deep)  # the deep point is trained by both levels
+
+
+@pytest.mark.parametrize("name", ["pkt", "sp", "rkd", "vid", "ofd", "reviewkd"])
 def test_each_baseline_trains_the_student_through_the_method_interface(name):
     torch.manual_seed(8)
     method = create_method(name, {})

@@ -317,3 +317,68 @@ class OFD(PairedFeatureMethod):
             target = torch.maximum(teacher, self.margin(i, teacher))
             total = total + ofd_partial_l2(estimate, target)
         return {"ce": self.cross_entropy(student_logits, labels), "ofd": self.beta * total}
+
+
+# ------------------------------------------------------------------------------------------ ReviewKD
+
+
+def hcl_loss(student: torch.Tensor, teacher: torch.Tensor, levels: tuple[int, ...] = (4, 2, 1)) -> torch.Tensor:
+    """ReviewKD's hierarchical context loss (Chen et al., 2021): the MSE at full size plus the MSE of both maps
+    average-pooled to each ``l x l`` smaller than the map, weighted 1, 1/2, 1/4, ..., divided by the weights' sum."""
+    loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
+    for level in levels:
+        if level >= student.shape[-2]:
+            continue
+        weight /= 2
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student, level), F.adaptive_avg_pool2d(teacher, level))
+        total += weight
+    return loss / total
+
+
+class AttentionBasedFusion(nn.Module):
+    """ReviewKD's ABF: the student feature through 1x1 conv + BN, fused with the deeper level's (upsampled) by two
+    spatial attention maps, then a 3x3 conv + BN to the teacher's channels. Returns (output, fused feature)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool):
+        super().__init__()
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, mid_channels, 1, bias=False), nn.BatchNorm2d(mid_channels))
+        self.attention = nn.Conv2d(2 * mid_channels, 2, 1) if fuse else None
+        self.out = nn.Sequential(nn.Conv2d(mid_channels, out_channels, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor, deeper: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.reduce(x)
+        if self.attention is not None and deeper is not None:
+            deeper = F.interpolate(deeper, size=x.shape[-2:], mode="nearest")
+            weights = torch.sigmoid(self.attention(torch.cat([x, deeper], dim=1)))
+            x = x * weights[:, :1] + deeper * weights[:, 1:]
+        return self.out(x), x
+
+
+@register_method("reviewkd")
+class ReviewKD(PairedFeatureMethod):
+    """CE + beta * sum over points of HCL(ABF output, teacher feature): each point's student feature is fused with
+    the deeper points' before it is compared (knowledge review). The stage lists the points deepest first; with a
+    single point ReviewKD is HCL through a conv connector."""
+
+    needs_projector = False
+
+    def __init__(self, beta: float = 1.0, mid_channels: int = 128, **options: Any):
+        super().__init__(**options)
+        check(beta >= 0, f"beta must be >= 0 (got {beta})")
+        check(int(mid_channels) >= 1, f"mid_channels must be >= 1 (got {mid_channels})")
+        self.beta, self.mid_channels = float(beta), int(mid_channels)
+
+    def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
+        super().setup(m, pairs, next_parts)
+        self.fusions = nn.ModuleList(AttentionBasedFusion(ss[0], self.mid_channels, ts[0], fuse=i > 0)
+                                     for i, (_, _, ss, ts) in enumerate(pairs))
+
+    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+        total, deeper = student_logits.new_zeros(()), None
+        for i, (s_tap, t_tap) in enumerate(self.pairs):  # deepest first
+            output, deeper = self.fusions[i](mean_feature(branches[s_tap]), deeper)
+            teacher = teacher_feats[t_tap].detach().float()
+            size = tuple(min(a, b) for a, b in zip(output.shape[-2:], teacher.shape[-2:]))
+            total = total + hcl_loss(F.adaptive_avg_pool2d(output.float(), size), F.adaptive_avg_pool2d(teacher, size))
+        return {"ce": self.cross_entropy(student_logits, labels), "reviewkd": self.beta * total}
