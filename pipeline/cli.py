@@ -61,7 +61,7 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="kdiffusion (default), kd, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, none (student "
+    ("--method", "method", dict(help="kd (default), kdiffusion, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, none (student "
                                      "alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
     # not "--m": under torchrun, argparse would take it for an abbreviation of its own options

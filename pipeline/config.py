@@ -97,7 +97,9 @@ STUDENT_RECIPE: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01,
 
 class StudentConfig(_Strict):
     model: str = "shufflenetv2"
-    method: str = "kdiffusion"
+    # KD, not KDiffusion: under one tuning protocol KD beat KDiffusion by 1.0 point (paired, 5 seeds;
+    # benchmarks/results/2026-12-05-kd-methods.md). `--method kdiffusion` is one flag away.
+    method: str = "kd"
     method_options: dict[str, Any] = Field(default_factory=dict, description="options of the method, by name")
     teacher_ckpt: Optional[str] = Field(None, description="teacher model.pt (default RUN_DIR/teacher/model.pt)")
     m: int = Field(4, ge=1, le=8, description="parallel branches at each distillation point")

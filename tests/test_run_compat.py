@@ -64,9 +64,10 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
 
     new = run_cli(*_args(run, stripes_root))
     assert new.returncode == 0, new.stderr
-    # The teacher is reused as it is. The student trains again, once: its fingerprint now holds every method
-    # option's value (the old one only those given), and the tiny profile's partial student.train now keeps the
-    # student's own recipe (the old merge replaced it with the teacher's). Everything after it follows.
+    # The teacher is reused as it is. The student trains again, once: the default method is now KD, its
+    # fingerprint holds every method option's value (the old one only those given), and the tiny profile's partial
+    # student.train now keeps the student's own recipe (the old merge replaced it with the teacher's). Everything
+    # after it follows.
     rerun = set(STAGES) - {"teacher"}
     assert _actions(run) == {name: "ran" if name in rerun else "skipped" for name in STAGES}
     after = tree_digest(run)
@@ -76,6 +77,8 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     old_config, new_config = yaml.safe_load(old_config_text), yaml.safe_load((run / "config.yaml").read_text())
     assert new_config["student"].pop("teacher_precision") == "auto"
     assert new_config["data"].pop("validation") is None and new_config.pop("baselines") == ["none"]
+    # the default method followed the evidence (benchmarks/results/2026-12-05-kd-methods.md)
+    assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "kd"
     for key, default in (("int8", True), ("calibration_images", 300), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
                          ("int8_min_agreement", 97.0), ("int8_eval_images", None)):
         assert new_config["export"].pop(key) == default  # the INT8 step, added since

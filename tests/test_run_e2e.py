@@ -99,7 +99,7 @@ def test_rerun_skips_every_stage(finished_run, fashion_root, tmp_path):
 def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_run, fashion_root, tmp_path):
     run = tmp_path / "run"
     clone_run(finished_run, run)
-    changed = ("--method-option", "lambda_kd=0.5")  # the distillation's own setting: the baseline is unaffected
+    changed = ("--method-option", "temperature=2")  # the distillation's own setting: the baseline is unaffected
     result = run_tiny(run, fashion_root, *changed)
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}

@@ -212,9 +212,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 # What one seed's gain is worth: the seed-to-seed spread of the paired (same seed) difference between a distilled
-# student and the student alone, measured in benchmarks/results/2026-12-02-kd-methods.md.
-SEED_NOISE = ("in our benchmark the same comparison varies by about 1 point (paired std over 5 seeds), so a gain "
-              "under about 2 points is within seed noise; benchmarks/kd_methods.py measures it on your data")
+# student and the student alone, measured in benchmarks/results/2026-12-05-kd-methods.md.
+SEED_NOISE = ("in our benchmark the same comparison varies by 0.2-0.5 points from seed to seed (paired std over 5 "
+              "seeds), so a gain under about 1 point is within seed noise; benchmarks/kd_methods.py measures it on "
+              "your data")
 
 
 def _summary(report: dict[str, Any]) -> list[str]:
