@@ -98,11 +98,11 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     smoke, unchecked = [], []
     for name in model_files(manifest):
         path = folder / name
-        runtime = format_of(path).runtime
-        if not installed(runtime):  # e.g. a device image with ONNX Runtime alone
-            unchecked.append({"path": str(path), "reason": f"{runtime} is not installed here"})
+        fmt = format_of(path)
+        if not installed(fmt.runtime):  # e.g. a device image with ONNX Runtime alone
+            unchecked.append({"path": str(path), "reason": f"{fmt.runtime} is not installed here"})
             continue
-        meta, expected_meta = format_of(path).read_metadata(path), {**shared_meta, **own.get(name, {})}
+        meta, expected_meta = fmt.read_metadata(path), {**shared_meta, **own.get(name, {})}
         if meta != expected_meta:
             differing = sorted(k for k in set(meta) | set(expected_meta) if meta.get(k) != expected_meta.get(k))
             raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in {', '.join(differing)}")

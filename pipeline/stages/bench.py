@@ -82,9 +82,11 @@ def int8_variant(layout: RunLayout) -> Variant | None:
 
 
 def int8_digests(layout: RunLayout) -> dict[str, str]:
-    """sha256 of the INT8 artifacts a measurement times (a new quantization is a new measurement)."""
-    return {name: file_sha256(layout.export / name) for name in (ONNX_INT8_FILE, IR_INT8_FILE)
-            if (layout.export / name).exists()}
+    """sha256 of the INT8 files a measurement times, the IR's weights included (a new quantization is a new
+    measurement)."""
+    int8 = int8_variant(layout)
+    files = [] if int8 is None else [p for p in (int8.onnx, int8.ir, int8.ir and int8.ir.with_suffix(".bin")) if p]
+    return {layout.relative(path): file_sha256(path) for path in files}
 
 
 def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Sequence[str] = ("cpu",),

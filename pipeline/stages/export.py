@@ -177,18 +177,20 @@ def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, setti
     """The INT8 step after the float artifacts are final: quantize, judge, and list what passed in the manifest
     and ``stage.json``; with INT8 off, remove what an earlier run left. The float files are never touched."""
     int8_files = [name for fmt in formats if fmt.int8 for name in fmt.int8.files]
-    for name in int8_files:
-        (stage.folder / name).unlink(missing_ok=True)
-    if settings.int8 is None:
-        stage.folder.int8_report.unlink(missing_ok=True)
-        atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
-        return stage.mark_complete(settings_hash, files + list(STAGE.outputs), summary)
-    results, tags = quantize_and_judge(layout, stage.folder, formats, settings, meta, info, dataset, data_root)
-    if not all(r.passed for r in results):
+
+    def float_only(record: dict[str, Any]) -> dict[str, Any]:
+        """No INT8 file left to ship; the manifest and stage.json list the float artifacts alone."""
         for name in int8_files:
             (stage.folder / name).unlink(missing_ok=True)
         atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
-        stage.mark_complete(settings_hash, files + list(STAGE.outputs), {**summary, "int8_passed": False})
+        return stage.mark_complete(settings_hash, files + list(STAGE.outputs), record)
+
+    if settings.int8 is None:
+        stage.folder.int8_report.unlink(missing_ok=True)
+        return float_only(summary)
+    results, tags = quantize_and_judge(layout, stage.folder, formats, settings, meta, info, dataset, data_root)
+    if not all(r.passed for r in results):
+        float_only({**summary, "int8_passed": False})
         failed = "; ".join(r.describe() for r in results if not r.passed)
         raise GateFailedError(f"export INT8 accuracy gate failed: {failed}. The INT8 files were removed; the float "
                               f"artifacts in {stage.dir} passed their gates and are the ones to ship")
