@@ -3,7 +3,8 @@
 #   docker run --rm -v "$PWD/runs:/runs" kdiff-pipeline:cpu run --teacher swin --student shufflenetv2
 # The default --run-dir (runs/default) lands in the /runs volume; the container runs as uid 10001, so the
 # host folder must be writable by it (or pass --user "$(id -u):$(id -g)"). See docs/docker.md.
-FROM debian:bookworm-slim
+# The base by digest (scripts/pin-base.sh refreshes it from the engine's debian:bookworm-slim; see docs/docker.md).
+FROM debian:bookworm-slim@sha256:425290bdcb6746a3dd7acb34cdbab77961424387427bf44f37335054d46bfc91
 
 # Debian's Python 3.11 with its venv module, and the built-in default data set (Fashion-MNIST, offline, in
 # /usr/share/datasets/fashion-mnist/). Pinned to bookworm's releases.
@@ -21,25 +22,25 @@ ENV VIRTUAL_ENV=/opt/venv \
     MPLCONFIGDIR=/tmp/matplotlib
 RUN python3 -m venv /opt/venv
 
-# Every pip command is constrained by a lock (scripts/lock.sh), so the image gets exactly its versions.
-# 1. The README's first install command: torch and torchvision (5.8 GB, the largest layer, so it comes first).
-#    Both images run this very step with lock-cpu.txt (lock-gpu.txt pins torch and its dependencies identically:
-#    tests/test_docker.py checks it), so a builder or registry holding both images stores this layer once.
+# Every third-party package comes from a hashed lock (scripts/lock.sh), read as a requirements file with
+# --require-hashes: the image gets exactly those files (each one's sha256 checked) or the build fails.
+# 1. torch and torchvision with their dependencies (5.8 GB, the largest layer, so it comes first). Both images
+#    run this very step, so a builder or registry holding both stores this layer once.
 WORKDIR /opt/kdiff
-COPY requirements/lock-cpu.txt requirements/lock-gpu.txt requirements/
-RUN pip install --no-cache-dir -c requirements/lock-cpu.txt torch==2.14.1 torchvision==0.29.1
+COPY requirements/lock-torch.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/lock-torch.txt
 
-# 2. The package's other dependencies, read from pyproject.toml: a change of code then rebuilds only step 3.
-COPY pyproject.toml src/
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("src/pyproject.toml", "rb"))["project"]["dependencies"]))' >requirements/deps.txt \
- && pip install --no-cache-dir -c requirements/lock-cpu.txt -r requirements/deps.txt
+# 2. Everything else of the lock (the package's dependencies and its test extra): a change of code then
+#    rebuilds only step 3.
+COPY requirements/lock-cpu.txt requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/lock-cpu.txt
 
-# 3. The README's second command: the package itself (not editable, without the test extra).
-COPY README.md src/
+# 3. The package itself (not editable); --no-deps: its dependencies are all there from step 2.
+COPY pyproject.toml README.md src/
 COPY pipeline src/pipeline
 COPY models src/models
 COPY exporters src/exporters
-RUN pip install --no-cache-dir -c requirements/lock-cpu.txt ./src \
+RUN pip install --no-cache-dir --no-deps ./src \
  && rm -rf src/build src/*.egg-info \
  && pip check \
  && pipeline --help >/dev/null

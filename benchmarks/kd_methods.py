@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,7 @@ class Run:
     seed: int
     tuning: bool  # scored on the validation split
     metrics: dict = field(default_factory=dict)
+    run_dir: Path | None = None  # where it trained (set by Protocol.train)
 
 
 def key(parts: list[str]) -> str:
@@ -175,7 +177,7 @@ class Protocol:
         flags = self.student_flags(run, teacher)
         stat = teacher.stat() if run.method != "none" else None
         run_dir = self.out / "runs" / f"{run.method}-{key(flags + [f'{stat.st_size}-{int(stat.st_mtime)}' if stat else ''])}"
-        stage = run_dir / "student"
+        stage, run.run_dir = run_dir / "student", run_dir
         if not finished(stage):
             print(f"$ pipeline distill {' '.join(flags)}", flush=True)
             cli(["distill", "--run-dir", str(run_dir), *flags], run_dir / "log.txt", self.args.threads)
@@ -310,13 +312,31 @@ LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet",
           "reviewkd": "ReviewKD", "kdiffusion": "KDiffusion"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of every benchmark built on this protocol (this one, quantization.py): the run cache, the
+    regime, the teacher, the data, parallelism and the results file."""
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "kdiff-pipeline" / "kd-methods")
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--teacher-ckpt", help="a finished teacher's model.pt (default: train and cache one)")
     parser.add_argument("--data-root", help="dataset folder (default: the pipeline's)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    parser.add_argument("--threads", type=int, default=1, help="threads per run")
+    parser.add_argument("--results", type=Path, help="also write the tables as markdown here")
+
+
+def parse_names(parser: argparse.ArgumentParser, text: str, valid: Iterable[str], what: str) -> list[str]:
+    """A comma-separated list of names; an unknown one ends the program with the valid ones listed."""
+    names, valid = text.split(","), list(valid)
+    unknown = sorted(set(names) - set(valid))
+    if unknown:
+        parser.error(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+    return names
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_protocol_arguments(parser)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--student", default="shufflenetv2_x0_5")
     parser.add_argument("--methods", default="none,kd,dkd,fitnet,kdiffusion",
                         help=f"comma-separated, from {','.join(GRIDS)}")
@@ -324,14 +344,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ablations", default="all",
                         help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    parser.add_argument("--threads", type=int, default=1, help="threads per run")
-    parser.add_argument("--results", type=Path, help="also write the tables as markdown here")
     args = parser.parse_args()
-    methods = args.methods.split(",")
-    unknown = sorted(set(methods) - set(GRIDS))
-    if unknown:
-        parser.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(GRIDS)}")
+    methods = parse_names(parser, args.methods, GRIDS, "method")
     if "none" not in methods:
         methods.insert(0, "none")
     started = time.time()

@@ -32,6 +32,7 @@ from exporters.errors import ExportError
 log = logging.getLogger(__name__)
 
 PRESETS = ("mixed", "performance")
+ACTIVATION_RANGES = ("minmax", "mean_minmax")
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,18 @@ class Int8Settings:
     preset: str = "mixed"  # NNCF's preset; ONNX Runtime: mixed = asymmetric uint8 activations, performance = int8
     max_drop: float = 1.0  # top-1 points the INT8 model may lose against the float export
     min_agreement: float = 97.0  # percent of test images on which INT8 and float give the same class
+    # How the quantizers are driven (the defaults are what benchmarks/quantization.py measured best; the other
+    # values are there to compare against):
+    per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
+    activation_ranges: str = "minmax"  # calibration set's min/max, or "mean_minmax": the mean of per-image min/max
+    bias_correction: bool = True  # NNCF's fast bias correction (ONNX Runtime has none)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown INT8 preset '{self.preset}'; valid: {', '.join(PRESETS)}")
+        if self.activation_ranges not in ACTIVATION_RANGES:
+            raise ValueError(f"unknown activation ranges '{self.activation_ranges}'; valid: "
+                             f"{', '.join(ACTIVATION_RANGES)}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +63,9 @@ class Int8Settings:
 def quantization_meta(settings: Int8Settings, tool: str, calibration: np.ndarray, seed: int) -> dict[str, Any]:
     """The ``quantization`` entry an INT8 artifact carries beside the float model's metadata."""
     return {"precision": "int8", "tool": tool, "preset": settings.preset, "calibration_images": int(len(calibration)),
-            "calibration_split": "train", "calibration_sampling": "stratified", "calibration_seed": seed}
+            "calibration_split": "train", "calibration_sampling": "stratified", "calibration_seed": seed,
+            "per_channel": settings.per_channel, "activation_ranges": settings.activation_ranges,
+            "bias_correction": settings.bias_correction and tool.startswith("nncf")}
 
 
 # --------------------------------------------------------------------------- ONNX Runtime
@@ -82,9 +93,11 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, settings:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         try:
             quant_pre_process(str(source), str(prepared))
-            quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=activations, weight_type=QuantType.QInt8,
-                            extra_options={"ActivationSymmetric": settings.preset == "performance"})
+            quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ,
+                            per_channel=settings.per_channel, activation_type=activations, weight_type=QuantType.QInt8,
+                            extra_options={"ActivationSymmetric": settings.preset == "performance",
+                                           # a moving average of the per-image min/max instead of the global ones
+                                           "CalibMovingAverage": settings.activation_ranges == "mean_minmax"})
         except Exception as exc:  # ORT's quantizer raises many types; all mean "could not quantize"
             raise ExportError(f"ONNX Runtime could not quantize {source}: {str(exc).splitlines()[0]}") from exc
         proto = onnx.load(str(quantized))
@@ -92,8 +105,8 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, settings:
         proto.producer_name = "kdiff-pipeline"
         onnx.save_model(proto, str(quantized))
         os.replace(quantized, target)
-    log.info("export: INT8 ONNX (QDQ, per-channel, %d calibration images) -> %s (%.1f MB)", len(calibration), target,
-             target.stat().st_size / 1e6)
+    log.info("export: INT8 ONNX (QDQ, per-%s, %d calibration images) -> %s (%.1f MB)",
+             "channel" if settings.per_channel else "tensor", len(calibration), target, target.stat().st_size / 1e6)
     return target
 
 
@@ -107,7 +120,7 @@ def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, setti
 
     from exporters.openvino import save_ir, set_metadata
 
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     model = ov.Core().read_model(str(source))
@@ -115,11 +128,15 @@ def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, setti
     # Activation ranges from the calibration set's min and max, as ONNX Runtime's MinMax calibration takes them.
     # NNCF's default averages each image's own min/max, which clips the inputs with the largest activations: on a
     # student whose classes differ in brightness that cost 20-30 top-1 points that min/max keeps.
-    ranges = AdvancedQuantizationParameters(activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX)
+    ranges = {"minmax": RangeEstimatorParametersSet.MINMAX, "mean_minmax": RangeEstimatorParametersSet.MEAN_MINMAX}
+    advanced = AdvancedQuantizationParameters(
+        activations_range_estimator_params=ranges[settings.activation_ranges],
+        weights_quantization_params=QuantizationParameters(per_channel=settings.per_channel),
+        disable_bias_correction=not settings.bias_correction)
     try:
         quantized = nncf.quantize(model, nncf.Dataset(list(calibration), lambda image: image[None]),
                                   preset=preset[settings.preset], subset_size=len(calibration),
-                                  advanced_parameters=ranges)
+                                  advanced_parameters=advanced)
     except Exception as exc:  # NNCF raises many types; all mean "could not quantize"
         raise ExportError(f"NNCF could not quantize {source}: {str(exc).splitlines()[0]}") from exc
     set_metadata(quantized, meta)

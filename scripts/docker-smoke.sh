@@ -3,15 +3,22 @@
 # prints the build time and the image size, and checks the stage outputs, that they were written by the
 # image's non-root user, and that a second identical run skips every finished stage.
 #
-# Usage: scripts/docker-smoke.sh [--no-build] [TAG [DOCKERFILE]]   (default: kdiff-pipeline:cpu Dockerfile)
+# With --reproducible it proves the build reproducible by its outcome instead: two builds, each from a fresh clone
+# of HEAD with no build cache left between them, must install identical package sets (`pip freeze`), and the tiny
+# chain with --deterministic must write the same sha256 for fused/model.pt and export/model.onnx in the image and
+# on this host (whose .venv scripts/bootstrap.sh installs from the same hashed lock).
+#
+# Usage: scripts/docker-smoke.sh [--no-build | --reproducible] [TAG [DOCKERFILE]]
+#        (default: kdiff-pipeline:cpu Dockerfile)
 # Engine: $CONTAINER if set, else ../shared/tools/container (podman on machines without Docker), else docker.
 # Run directory: $SMOKE_RUNS (default: a new temporary folder), mounted at /runs; the run is /runs/tiny.
 # Extra flags of `pipeline run`: $SMOKE_ARGS (default: --precision fp32 --no-progress).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-build=1
+build=1 reproducible=0
 [ "${1:-}" = "--no-build" ] && { build=0; shift; }
+[ "${1:-}" = "--reproducible" ] && { reproducible=1; shift; }
 TAG=${1:-kdiff-pipeline:cpu}
 DOCKERFILE=${2:-Dockerfile}
 log() { echo "[docker-smoke] $*" >&2; }
@@ -22,9 +29,48 @@ if [ -z "${CONTAINER:-}" ]; then
   else log "no container engine: set CONTAINER, or install docker"; exit 2; fi
 fi
 image_size() {  # bytes, from whichever engine built the image
-  if [ "$CONTAINER" = docker ]; then docker image inspect -f '{{.Size}}' "$TAG"
-  else podman image inspect --format '{{.Size}}' "$TAG"; fi
+  engine image inspect --format '{{.Size}}' "$TAG"
 }
+
+engine() {  # the engine itself, for what the container tool does not wrap (inspect, rmi, prune)
+  if [ "$CONTAINER" = docker ]; then docker "$@"; else podman "$@"; fi
+}
+
+if [ $reproducible -eq 1 ]; then
+  work=$(mktemp -d /tmp/kdiff-repro.XXXXXX)
+  chmod 0777 "$work"
+  for n in 1 2; do
+    engine rmi -f "$TAG" >/dev/null 2>&1 || true
+    engine image prune -f >/dev/null   # the previous build's layers: nothing is reused
+    git clone -q "$PWD" "$work/clone-$n"
+    log "build $n of $TAG from a fresh clone of $(git rev-parse --short HEAD), no cache"
+    start=$(date +%s)
+    (cd "$work/clone-$n" && "$CONTAINER" build -f "$DOCKERFILE" -t "$TAG" .)
+    log "build $n: $(( $(date +%s) - start )) s, image id $(engine image inspect --format '{{.Id}}' "$TAG" | cut -c1-19)"
+    "$CONTAINER" run --entrypoint=pip "$TAG" freeze --all >"$work/freeze-$n.txt"
+  done
+  if cmp -s "$work/freeze-1.txt" "$work/freeze-2.txt"; then
+    log "ok: pip freeze equal in both builds ($(wc -l <"$work/freeze-1.txt") packages)"
+  else
+    log "pip freeze differs between the builds:"; diff "$work/freeze-1.txt" "$work/freeze-2.txt" >&2 || true
+    exit 1
+  fi
+  args=(run --run-dir /runs/image --subset 300 --eval-subset 200 --epochs 1 --image-size 32 --precision fp32
+        --deterministic --no-progress)
+  log "tiny chain with --deterministic in the image"
+  "$CONTAINER" run -v "$work:/runs" "$TAG" "${args[@]}" >"$work/image.log" 2>&1 || { tail "$work/image.log" >&2; exit 1; }
+  log "the same on this host (.venv from the same lock)"
+  args[2]=$work/host
+  .venv/bin/pipeline "${args[@]}" >"$work/host.log" 2>&1 || { tail "$work/host.log" >&2; exit 1; }
+  fail=0
+  for f in fused/model.pt export/model.onnx; do
+    image=$(sha256sum "$work/image/$f" | cut -d' ' -f1) host=$(sha256sum "$work/host/$f" | cut -d' ' -f1)
+    log "$f sha256 image $image host $host: $([ "$image" = "$host" ] && echo identical || echo DIFFERENT)"
+    [ "$image" = "$host" ] || fail=1
+  done
+  [ $fail -eq 0 ] && log "PASS: reproducible ($work)" || log "FAIL: the artifacts differ ($work)"
+  exit $fail
+fi
 
 if [ $build -eq 1 ]; then
   log "building $TAG from $DOCKERFILE with $CONTAINER"

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Regenerates the pinned dependency locks with `uv pip compile` (a standard resolver; never edit them by hand):
-#   requirements/lock-cpu.txt  pyproject.toml (+ the `test` extra) + requirements/cpu.in
-#   requirements/lock-gpu.txt  the same + onnxruntime-gpu (requirements/gpu.in), constrained to lock-cpu.txt
-# Both target the Docker images' interpreter and platform (CPython 3.11, x86_64 manylinux_2_28, i.e. Debian
+# Regenerates the pinned, hashed dependency locks with `uv pip compile` (a standard resolver; never edit them by
+# hand). Every pin carries the sha256 of each file PyPI has for it, and every install reads a lock as a
+# requirements file with `pip install --require-hashes -r` (pip does not check hashes given in a -c constraints
+# file), so a build gets exactly these files or fails:
+#   requirements/lock-cpu.txt      pyproject.toml (+ the `test` extra) + requirements/cpu.in (the torch pins)
+#   requirements/lock-torch.txt    torch + torchvision and their dependencies only (the images' first layer)
+#   requirements/lock-gpu.txt      the CPU lock + onnxruntime-gpu in place of onnxruntime (requirements/gpu.in)
+#   requirements/lock-runtime.txt  numpy, Pillow, onnxruntime (Dockerfile.runtime); -openvino.txt adds OpenVINO
+# All but the first are compiled with -c requirements/lock-cpu.txt, so a package has one version everywhere.
+# They target the Docker images' interpreter and platform (CPython 3.11, x86_64 manylinux_2_28, i.e. Debian
 # bookworm), whatever machine runs this script, and resolve against PyPI.
-# Used by: Dockerfile / Dockerfile.gpu (`pip install -c requirements/lock-*.txt ...`) and the README install
-# (`pip install -c requirements/lock-cpu.txt -e '.[test]'`).
+# Used by: the Dockerfiles and scripts/bootstrap.sh (the host install that `make setup` / `make test` run).
 #
 # Usage: scripts/lock.sh [--upgrade]     (default: keep the current pins that still fit, add/remove what changed;
 #                                          --upgrade: move every pin to the newest allowed release)
@@ -24,12 +29,18 @@ if [ -z "${UV:-}" ]; then
   fi
 fi
 
-common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --extra test
+common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes
         --annotation-style line --custom-compile-command scripts/lock.sh --quiet)
 [ "${1:-}" = "--upgrade" ] && common+=(--upgrade)
 
-"$UV" pip compile "${common[@]}" pyproject.toml requirements/cpu.in -o requirements/lock-cpu.txt
-"$UV" pip compile "${common[@]}" pyproject.toml requirements/gpu.in -c requirements/lock-cpu.txt \
-  -o requirements/lock-gpu.txt
-echo "[lock] wrote requirements/lock-cpu.txt ($(grep -c '==' requirements/lock-cpu.txt) pins)" \
-     "and requirements/lock-gpu.txt ($(grep -c '==' requirements/lock-gpu.txt) pins)" >&2
+"$UV" pip compile "${common[@]}" --extra test pyproject.toml requirements/cpu.in -o requirements/lock-cpu.txt
+pinned=(-c requirements/lock-cpu.txt)
+"$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/torch.in -o requirements/lock-torch.txt
+"$UV" pip compile "${common[@]}" "${pinned[@]}" --extra test --no-emit-package onnxruntime pyproject.toml \
+  requirements/gpu.in -o requirements/lock-gpu.txt
+"$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/runtime.in -o requirements/lock-runtime.txt
+"$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/runtime-openvino.in \
+  -o requirements/lock-runtime-openvino.txt
+for lock in requirements/lock-*.txt; do
+  echo "[lock] wrote $lock ($(grep -c '^[A-Za-z0-9].*==' "$lock") pins)" >&2
+done
