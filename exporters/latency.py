@@ -55,7 +55,11 @@ class Budget:
     warmup: int = 10
     iterations: int | None = None  # per variant; None: run for `duration` seconds in total
     duration: float = 3.0
-    chunk: int = 5  # calls per variant per interleaved round
+    # Each interleaved round gives every variant a time slice: long enough for its runtime's thread pool to be
+    # awake and its weights in cache (a few calls per turn measured cold pools: up to 1.4x on a quiet machine and
+    # 3-4x under load for a 0.2 ms model), short enough that slow drifts of the machine's load hit every variant.
+    slice_s: float = 0.25  # seconds per variant per round
+    rewarm: int = 3  # untimed calls at the start of each slice
 
 
 def targets_for(backends: Sequence[str], devices: Sequence[str]) -> list[Target]:
@@ -143,7 +147,7 @@ def summarize(times_s: Sequence[float], batch: int) -> dict[str, float]:
 
 
 def time_interleaved(runners: Mapping[str, Runner], batch: np.ndarray, budget: Budget) -> dict[str, list[float]]:
-    """Per-call wall times (seconds) of every runner, in interleaved rounds after warm-up."""
+    """Per-call wall times (seconds) of every runner, in interleaved rounds (a time slice each) after warm-up."""
     calls = {name: bind(batch) for name, bind in runners.items()}
     for call in calls.values():
         for _ in range(budget.warmup):
@@ -152,10 +156,16 @@ def time_interleaved(runners: Mapping[str, Runner], batch: np.ndarray, budget: B
     start = time.perf_counter()
     while True:
         for name, call in calls.items():
-            for _ in range(budget.chunk):
+            for _ in range(budget.rewarm):
+                call()
+            slice_end = time.perf_counter() + budget.slice_s
+            while True:
                 t0 = time.perf_counter()
                 call()
-                times[name].append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                times[name].append(t1 - t0)
+                if t1 >= slice_end or (budget.iterations is not None and len(times[name]) >= budget.iterations):
+                    break
         done = min(len(t) for t in times.values())
         if budget.iterations is not None:
             if done >= budget.iterations:

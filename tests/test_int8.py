@@ -149,3 +149,40 @@ def test_the_gate_judges_drop_and_agreement():
     assert not strict.passed
     with pytest.raises(ValueError, match="valid: mixed, performance"):
         Int8Settings(preset="fast")
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_weight_granularity_setting_reaches_both_quantizers(learned_run, tmp_path, per_channel):
+    """Per-channel weights get one scale per output channel, per-tensor one per tensor, in both INT8 files (what
+    benchmarks/quantization.py compares)."""
+    import onnx
+    import openvino as ov
+    from onnx import numpy_helper
+
+    from exporters.quantize import quantize_onnx, quantize_openvino
+
+    export = learned_run / "export"
+    calibration = np.random.default_rng(0).standard_normal((8, *read_metadata(export / "model.onnx")["input_size"]),
+                                                           dtype=np.float32)
+    settings = Int8Settings(calibration_images=8, per_channel=per_channel)
+    onnx_file = quantize_onnx(export / "model.onnx", tmp_path / "q.onnx", calibration, settings,
+                              read_metadata(export / "model.onnx"))
+    model = onnx.load(str(onnx_file))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weight_scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                     and inits.get(n.input[0]) is not None and inits[n.input[0]].dtype == np.int8
+                     and inits[n.input[0]].ndim == 4]
+    assert weight_scales and all((s.size > 1) == per_channel for s in weight_scales if s is not None)
+
+    ir = quantize_openvino(export / "openvino" / "model.xml", tmp_path / "q.xml", calibration, settings,
+                           read_metadata(export / "openvino" / "model.xml"))
+    # NNCF stores quantized weights as int8 constants, converted and multiplied by their scales
+    scales = [convert.output(0).get_target_inputs().pop().get_node().input_value(1).get_shape()
+              for convert in ov.Core().read_model(str(ir)).get_ops() if convert.get_type_name() == "Convert"
+              and convert.input_value(0).get_node().get_element_type() == ov.Type.i8]
+    assert scales and all((int(np.prod(shape)) > 1) == per_channel for shape in scales), scales
+
+
+def test_unknown_activation_ranges_are_refused_with_the_valid_ones():
+    with pytest.raises(ValueError, match="minmax, mean_minmax"):
+        Int8Settings(activation_ranges="percentile")

@@ -117,7 +117,7 @@ def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Se
         "machine": machine_info(),
         "model": {"architecture": info["architecture"], "input_size": info["input_size"]},
         "budget": {"threads": budget.threads, "warmup": budget.warmup, "iterations": budget.iterations,
-                   "duration_s": None if budget.iterations else budget.duration, "interleaved_chunk": budget.chunk},
+                   "duration_s": None if budget.iterations else budget.duration, "slice_s": budget.slice_s, "rewarm": budget.rewarm},
         "batch_sizes": list(batch_sizes),
         "results": rows,
         "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused") + ratios(rows, "int8", "fused"),
