@@ -1,5 +1,6 @@
 """Deployment latency, side by side in one run: torch eager vs ONNX Runtime vs OpenVINO, fused vs stock,
-and our OpenVINO timing vs OpenVINO's own ``benchmark_app`` on the same IR and thread count.
+and our timing against the runtimes' own: OpenVINO's ``benchmark_app`` on the same IR and thread count, and a
+bare ONNX Runtime loop (a default session, ``session.run`` on a numpy array) on the same file.
 
     python benchmarks/latency.py --student shufflenetv2 --image-size 224 --seconds 5
 
@@ -8,7 +9,7 @@ The student is built with its branches (m=4), given random BatchNorm statistics
 exporters; the timing is the same code as ``pipeline bench`` (interleaved
 variants, warm-up excluded, one thread budget for every backend). Weights do not
 change latency, so no training is needed. ``benchmark_app`` and our OpenVINO
-runner alternate for --rounds rounds so machine noise hits both alike.
+runner alternate for --rounds rounds so machine noise hits both alike; so do the bare ONNX Runtime loop and ours.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -64,6 +66,26 @@ def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> f
     return float(match.group(1))
 
 
+def bare_onnxruntime_median(onnx: Path, size: int, threads: int, seconds: float, warmup: int = 50) -> float:
+    """Median ms of the simplest ONNX Runtime program: a default session with the thread count set, ``run`` on a
+    numpy array in a loop (what ``onnxruntime_perf_test`` would time; it is not in the Python wheel)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size),
+                                                                                   dtype=np.float32)}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default="shufflenetv2")
@@ -106,18 +128,23 @@ def main() -> None:
         print(f"int8/fused p50 {q['backend']:<12} batch {q['batch']}: {q['p50_ratio']:.3f}"
               + ("  (goal <= 0.60 on a CPU with VNNI)" if q["backend"] == "openvino" else ""))
 
-    # ours vs benchmark_app on the same IR, alternating (the float IR and, with --int8, the INT8 one)
+    # ours vs the runtimes' own loops on the same file, alternating rounds (float and, with --int8, INT8 files)
     steady = Budget(threads=args.threads, warmup=50, duration=args.seconds)  # benchmark_app warms up too
-    for variant in (v for v in variants if v.ir is not None):
-        ours_ov, app = [], []
-        for _ in range(args.rounds):
-            row = measure_target(Target("openvino", "cpu", "CPU"), [variant], [1], args.image_size, steady)[0]
-            ours_ov.append(row["p50_ms"])
-            app.append(benchmark_app_median(variant.ir, args.image_size, args.threads, args.seconds))
-        ours_med, app_med = statistics.median(ours_ov), statistics.median(app)
-        print(f"OpenVINO batch 1 on {variant.ir.name}: ours p50 {ours_med:.3f} ms (rounds {ours_ov}), "
-              f"benchmark_app median {app_med:.3f} ms (rounds {app}); ours/benchmark_app = {ours_med / app_med:.3f} "
-              f"(goal within 10%)")
+    references = [("OpenVINO", Target("openvino", "cpu", "CPU"), "ir", "benchmark_app",
+                   lambda v: benchmark_app_median(v.ir, args.image_size, args.threads, args.seconds)),
+                  ("ONNX Runtime", Target("onnxruntime", "cpu", "CPUExecutionProvider"), "onnx", "bare session loop",
+                   lambda v: bare_onnxruntime_median(v.onnx, args.image_size, args.threads, args.seconds))]
+    for runtime, target, file_kind, reference, timed in references:
+        for variant in (v for v in variants if getattr(v, file_kind) is not None and v.name in ("fused", "int8")):
+            ours, theirs = [], []
+            for _ in range(args.rounds):
+                ours.append(measure_target(target, [variant], [1], args.image_size, steady)[0]["p50_ms"])
+                theirs.append(timed(variant))
+            ratio = statistics.median(ours) / statistics.median(theirs)
+            print(f"{runtime} batch 1 on {getattr(variant, file_kind).name}: ours p50 {statistics.median(ours):.3f} "
+                  f"ms (rounds {', '.join(f'{x:.3f}' for x in ours)}), {reference} median "
+                  f"{statistics.median(theirs):.3f} ms (rounds {', '.join(f'{x:.3f}' for x in theirs)}); "
+                  f"ours/{reference} = {ratio:.3f} (goal 0.8-1.25)")
 
 
 if __name__ == "__main__":

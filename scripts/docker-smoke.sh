@@ -62,7 +62,7 @@ if [ $reproducible -eq 1 ]; then
   "$CONTAINER" run -v "$work:/runs" "$TAG" "${args[@]}" >"$work/image.log" 2>&1 || [ $? -eq 3 ] \
     || { tail "$work/image.log" >&2; exit 1; }
   log "the same on this host (.venv from the same lock)"
-  args[3]=$work/host
+  args[4]=$work/host
   .venv/bin/pipeline "${args[@]}" >"$work/host.log" 2>&1 || [ $? -eq 3 ] || { tail "$work/host.log" >&2; exit 1; }
   fail=0
   for f in fused/model.pt export/model.onnx export/openvino/model.xml export/openvino/model.bin \
