@@ -60,10 +60,10 @@ def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> f
     cmd = [exe, "-m", str(ir), "-d", "CPU", "-hint", "none", "-api", "sync", "-nstreams", "1",
            "-nthreads", str(threads), "-t", str(max(1, round(seconds))), "-shape", f"images[1,3,{size},{size}]"]
     text = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True).stdout
-    match = re.search(r"Median:\s+([\d.]+)\s*ms", text)
+    match = re.search(r"Median:\s+([\d.]+)\s*(ms|us)", text)  # (small models: microseconds)
     if not match:
         raise RuntimeError(f"no median in benchmark_app output:\n{text[-2000:]}")
-    return float(match.group(1))
+    return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
 
 
 def bare_onnxruntime_median(onnx: Path, size: int, threads: int, seconds: float, warmup: int = 50) -> float:
