@@ -55,15 +55,26 @@ def build_variants(student: str, size: int, out: Path, int8: bool) -> list[Varia
     return variants
 
 
-def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> float:
+def benchmark_app_command(ir: Path, size: int, threads: int, seconds: float, shape_flag: str = "-shape") -> list[str]:
+    """OpenVINO's ``benchmark_app`` on ``ir`` at batch 1: one sync request, one stream, ``threads`` threads.
+    ``-shape`` reshapes the model to a static shape first; ``-data_shape`` feeds that shape to the model as it is."""
     exe = shutil.which("benchmark_app") or str(Path(sys.executable).with_name("benchmark_app"))
-    cmd = [exe, "-m", str(ir), "-d", "CPU", "-hint", "none", "-api", "sync", "-nstreams", "1",
-           "-nthreads", str(threads), "-t", str(max(1, round(seconds))), "-shape", f"images[1,3,{size},{size}]"]
-    text = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=True).stdout
-    match = re.search(r"Median:\s+([\d.]+)\s*(ms|us)", text)  # (small models: microseconds)
+    return [exe, "-m", str(ir), "-d", "CPU", "-hint", "none", "-api", "sync", "-nstreams", "1",
+            "-nthreads", str(threads), "-t", str(max(1, round(seconds))), shape_flag, f"images[1,3,{size},{size}]"]
+
+
+def parse_benchmark_app(text: str) -> float:
+    """The median latency in ms from ``benchmark_app``'s report (small models: reported in microseconds)."""
+    match = re.search(r"Median:\s+([\d.]+)\s*(ms|us)", text)
     if not match:
         raise RuntimeError(f"no median in benchmark_app output:\n{text[-2000:]}")
     return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
+
+
+def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> float:
+    command = benchmark_app_command(ir, size, threads, seconds)
+    return parse_benchmark_app(subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              check=True).stdout)
 
 
 def bare_onnxruntime_median(onnx: Path, size: int, threads: int, seconds: float, warmup: int = 50) -> float:

@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,36 +104,12 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
     every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
-    def build(folder: Path) -> None:
-        result = run_cli("run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
-                         str(fashion_root), "--no-progress")
+    with shared_dir(tmp_path_factory, "tiny-run") as folder:
+        run_dir = folder / "run"
+        result = run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(fashion_root),
+                         "--no-progress")
         assert result.returncode == 0, result.stderr
-
-    with shared_by_workers(tmp_path_factory, "tiny-run", build) as folder:
-        yield folder / "run"
-
-
-@contextlib.contextmanager
-def shared_by_workers(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Iterator[Path]:
-    """A session-wide folder made once by ``build``. Under pytest-xdist (``make test`` runs the suite on every
-    core) the first worker that needs it builds it, under a file lock, in the folder above every worker's own,
-    and the others read it; pytest removes that folder after a green run."""
-    if os.environ.get("PYTEST_XDIST_WORKER") is None:
-        with shared_dir(tmp_path_factory, name) as folder:
-            build(folder)
-            yield folder
-        return
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp().parent
-    folder, done = root / name, root / f"{name}.done"
-    with FileLock(str(root / f"{name}.lock")):
-        if not done.is_file():
-            shutil.rmtree(folder, ignore_errors=True)
-            folder.mkdir()
-            build(folder)
-            done.touch()
-    yield folder
+        yield run_dir
 
 
 @contextlib.contextmanager
@@ -187,8 +163,8 @@ def clone_run(source: Path, dest: Path) -> Path:
     """A copy of a run directory whose files are hard links to the original's: instant and no extra disk (a Swin
     run holds ~0.6 GB of checkpoints). The pipeline replaces files (write, then rename) and never writes into
     one, so the original stays as it was; a test that edits a file in place unlinks it first. The run lock is the
-    exception: the pipeline writes it in place and locks its inode, so each clone gets a file of its own (clones
-    used at once by pytest-xdist's workers would otherwise lock each other out)."""
+    exception: the pipeline writes it in place and locks its inode, so each clone gets a file of its own (a command on
+    a clone would otherwise rewrite the original's lock file, and clones used at once would lock each other out)."""
     def link_or_copy(src: str, dst: str) -> None:
         if os.path.basename(src) == ".lock":
             shutil.copy2(src, dst)
