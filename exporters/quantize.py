@@ -113,8 +113,12 @@ def quantize_onnx(source: Path, target: Path, calibration: np.ndarray, settings:
 # --------------------------------------------------------------------------- OpenVINO
 
 def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, settings: Int8Settings,
-                      meta: Mapping[str, Any]) -> Path:
-    """NNCF INT8 copy of the FP32 IR at ``source`` (``.xml``), written to ``target`` (``.xml`` + ``.bin``)."""
+                      meta: Mapping[str, Any], validation: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
+    """NNCF INT8 copy of the FP32 IR at ``source`` (``.xml``), written to ``target`` (``.xml`` + ``.bin``).
+
+    With ``validation`` (labelled images, never the test split): NNCF's accuracy-aware quantization, which
+    returns the layers that cost the most top-1 on those images to floating point until INT8 loses at most
+    ``settings.max_drop`` points there."""
     import nncf
     import openvino as ov
 
@@ -133,10 +137,20 @@ def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, setti
         activations_range_estimator_params=ranges[settings.activation_ranges],
         weights_quantization_params=QuantizationParameters(per_channel=settings.per_channel),
         disable_bias_correction=not settings.bias_correction)
+    calibration_set = nncf.Dataset(list(calibration), lambda image: image[None])
     try:
-        quantized = nncf.quantize(model, nncf.Dataset(list(calibration), lambda image: image[None]),
-                                  preset=preset[settings.preset], subset_size=len(calibration),
-                                  advanced_parameters=advanced)
+        if validation is None:
+            quantized = nncf.quantize(model, calibration_set, preset=preset[settings.preset],
+                                      subset_size=len(calibration), advanced_parameters=advanced)
+        else:
+            def top1(compiled: Any, items: Any) -> float:
+                return float(np.mean([compiled(image[None])[0].argmax(1)[0] == label for image, label in items]))
+
+            quantized = nncf.quantize_with_accuracy_control(
+                model, calibration_set, nncf.Dataset(list(zip(*validation)), lambda item: item[0][None]),
+                validation_fn=top1, max_drop=settings.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE,
+                preset=preset[settings.preset], subset_size=len(calibration),
+                advanced_quantization_parameters=advanced)
     except Exception as exc:  # NNCF raises many types; all mean "could not quantize"
         raise ExportError(f"NNCF could not quantize {source}: {str(exc).splitlines()[0]}") from exc
     set_metadata(quantized, meta)
