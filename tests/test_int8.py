@@ -186,3 +186,26 @@ def test_the_weight_granularity_setting_reaches_both_quantizers(learned_run, tmp
 def test_unknown_activation_ranges_are_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match="minmax, mean_minmax"):
         Int8Settings(activation_ranges="percentile")
+
+
+@pytest.mark.slow
+def test_accuracy_aware_quantization_keeps_the_drop_on_its_validation_images(learned_run, stripes_root, tmp_path):
+    """NNCF's accuracy-aware mode (what benchmarks/quantization.py tries where plain INT8 loses too much): on the
+    labelled training images it is given, the INT8 IR loses at most ``max_drop`` points against the float IR."""
+    from exporters.quantize import quantize_openvino
+    from exporters.sessions import RuntimeOptions, open_session
+    from pipeline.stages.loaders import held_out
+
+    ir = learned_run / "export" / "openvino" / "model.xml"
+    meta = read_metadata(ir)
+    where = {"dataset": "fashion-mnist", "image_size": meta["input_size"][-1]}
+    calibration = held_out(where, str(stripes_root), 64, 0, split="train")[0].numpy()
+    images, labels = (t.numpy() for t in held_out(where, str(stripes_root), 200, 1, split="train"))
+    settings = Int8Settings(calibration_images=64, max_drop=1.0)
+    quantized = quantize_openvino(ir, tmp_path / "aa.xml", calibration, settings, meta, validation=(images, labels))
+    top1 = {name: 100.0 * float(np.mean(open_session(path, "openvino", options).run(images).argmax(1) == labels))
+            for name, path, options in (("float", ir, RuntimeOptions(precision="f32")),
+                                        ("int8", quantized, RuntimeOptions()))}
+    assert top1["float"] >= 60, top1  # a student that learned something, or the check means nothing
+    # NNCF validates against the float IR at the CPU's default precision (bf16 here): one image of slack
+    assert top1["float"] - top1["int8"] <= 1.0 + 100.0 / len(labels), top1
