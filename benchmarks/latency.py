@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -77,24 +78,35 @@ def benchmark_app_median(ir: Path, size: int, threads: int, seconds: float) -> f
                                               check=True).stdout)
 
 
-def bare_onnxruntime_median(onnx: Path, size: int, threads: int, seconds: float, warmup: int = 50) -> float:
-    """Median ms of the simplest ONNX Runtime program: a default session with the thread count set, ``run`` on a
-    numpy array in a loop (what ``onnxruntime_perf_test`` would time; it is not in the Python wheel)."""
+def loop_median(call: Callable[[], object], seconds: float, warmup: int = 50) -> float:
+    """Median ms of ``call`` in a plain timed loop, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def bare_onnxruntime(onnx: Path, batch: np.ndarray, threads: int, spinning: bool = True) -> Callable[[], object]:
+    """The simplest ONNX Runtime program: a default session with the thread count set, ``run`` on a numpy array
+    (what ``onnxruntime_perf_test`` would time; it is not in the Python wheel)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, size, size),
-                                                                                   dtype=np.float32)}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    feed = {session.get_inputs()[0].name: batch}
+    return lambda: session.run(None, feed)
+
+
+def bare_onnxruntime_median(onnx: Path, size: int, threads: int, seconds: float) -> float:
+    batch = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+    return loop_median(bare_onnxruntime(onnx, batch, threads), seconds)
 
 
 def main() -> None:

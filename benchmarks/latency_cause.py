@@ -11,41 +11,16 @@ the old 5-call chunks) and with the current time slices. The results file
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from exporters.latency import Budget, Target, measure_target
 from exporters.sessions import RuntimeOptions, open_session
-from latency import benchmark_app_command, benchmark_app_median, build_variants, parse_benchmark_app
-
-
-def loop_median(call: Callable[[], object], seconds: float, warmup: int = 50) -> float:
-    for _ in range(warmup):
-        call()
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def bare_onnxruntime(onnx: Path, batch: np.ndarray, threads: int, spinning: bool) -> Callable[[], object]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(onnx), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: batch}
-    return lambda: session.run(None, feed)
+from latency import (bare_onnxruntime, benchmark_app_command, benchmark_app_median, build_variants, loop_median,
+                     parse_benchmark_app)
 
 
 def main() -> None:
