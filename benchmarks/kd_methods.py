@@ -89,6 +89,7 @@ GRIDS: dict[str, list[list[str]]] = {
     "vid": [option_flags(beta=b) for b in (0.1, 0.3, 1, 3)],
     "ofd": [option_flags(beta=b) for b in (0.3, 1, 3, 10)],
     "reviewkd": [["--points", "multi", *option_flags(beta=b)] for b in (0.3, 1, 3, 10)],
+    "crd": [option_flags(beta=b) for b in (0.2, 0.8, 2, 5)],
     "kdiffusion": [*(option_flags(lambda_diff=lam) for lam in (0.1, 1, 10)),
                    option_flags(lambda_diff=1, variance="learned")],
 }
@@ -309,7 +310,7 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
 
 LABELS = {"none": "student alone", "kd": "KD", "dkd": "DKD", "fitnet": "FitNet", "at": "AT", "pkt": "PKT",
           "sp": "SP", "rkd": "RKD", "vid": "VID", "ofd": "OFD",
-          "reviewkd": "ReviewKD", "kdiffusion": "KDiffusion"}
+          "reviewkd": "ReviewKD", "crd": "CRD", "kdiffusion": "KDiffusion"}
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:

@@ -61,8 +61,8 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="kd (default), kdiffusion, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, none (student "
-                                     "alone)")),
+    ("--method", "method", dict(help="kd (default), kdiffusion, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, crd, none "
+                                     "(student alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
     # not "--m": under torchrun, argparse would take it for an abbreviation of its own options
     ("--branches", "m", dict(type=int, help="parallel branches m per distillation point (1-8, default 4)")),

@@ -49,6 +49,20 @@ def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with
     assert tree_digest(run_dir / "teacher") == teacher_before
 
 
+def test_crd_gets_every_training_image_index_from_the_engine(with_teacher, stripes_root, tmp_path):
+    """One epoch visits each of the 320 training images once: every row of both memory banks has been written
+    (unit norm; the initial rows are not), so the engine handed the method each image's own index."""
+    run_dir = clone_run(with_teacher, tmp_path / "run")
+    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "crd", "--method-option",
+                     "negatives=256", "--data-root", str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir),
+                     *TINY)
+    assert result.returncode == 0, result.stderr
+    task = torch.load(run_dir / "student" / "checkpoints" / "last.pt", weights_only=True)["task"]
+    for bank in ("student_memory_0", "teacher_memory_0"):
+        norms = task[f"method.{bank}"].norm(dim=1)
+        assert norms.shape == (320,) and torch.allclose(norms, torch.ones(320), atol=1e-5), bank
+
+
 def _two_class_folder(root: Path) -> str:
     from tests.test_data import _write_imagefolder
 

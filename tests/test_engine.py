@@ -97,8 +97,8 @@ class PoisonedTask(SupervisedTask):
         super().__init__(model)
         self.poison_after, self.calls = poison_after, 0
 
-    def forward(self, images, labels):
-        logits, losses = super().forward(images, labels)
+    def forward(self, images, labels, indices=None):
+        logits, losses = super().forward(images, labels, indices)
         self.calls += 1
         if self.calls > self.poison_after:
             losses["loss"] = losses["loss"] * float("nan")

@@ -79,15 +79,19 @@ FeaturePair = tuple[str, str, tuple[int, int, int], tuple[int, int, int]]
 class KDMethod(nn.Module):
     """The whole contract of a distillation method.
 
-    Class attributes: ``needs_teacher`` (the distill stage loads a teacher) and
+    Class attributes: ``needs_teacher`` (the distill stage loads a teacher),
     ``uses_features`` (the stage pairs the student's distillation points with
-    teacher taps and calls :meth:`setup` before training). Constructor keyword
-    arguments are the method's ``--method-option`` settings.
+    teacher taps and calls :meth:`setup` before training) and ``needs_indices``
+    (:meth:`losses` gets each image's index in the training set, of
+    ``num_samples`` images). Constructor keyword arguments are the method's
+    ``--method-option`` settings.
     """
 
     name = "base"
     needs_teacher = True
     uses_features = False
+    needs_indices = False
+    num_samples = 0  # the training set's size, set by the stage before setup
 
     def __init__(self, label_smoothing: float = 0.0, **options: Any):
         super().__init__()
@@ -110,9 +114,10 @@ class KDMethod(nn.Module):
 
     def losses(self, *, student_logits: torch.Tensor, labels: torch.Tensor,
                teacher_logits: torch.Tensor | None = None, teacher_feats: dict[str, torch.Tensor] | None = None,
-               branches: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+               branches: dict[str, list[torch.Tensor]] | None = None,
+               indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Named loss terms (their sum is trained). ``branches``: each distillation point's branch outputs
-        (the m parallel features), by student tap."""
+        (the m parallel features), by student tap; ``indices``: the batch's positions in the training set."""
         raise NotImplementedError
 
 

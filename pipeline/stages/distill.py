@@ -161,6 +161,7 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
     bundle, train, test, image_size = prepare_data(cfg)
     method = make_method(s.method, dict(s.method_options), s.train.label_smoothing)
+    method.num_samples = len(train)
     try:
         model, arch = build_multibranch_student(s.model, bundle.num_classes, image_size, s.m, s.points,
                                                 s.rep_blocks)

@@ -282,7 +282,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
             x = prep(images, idx, epoch, len(train_set))
             with autocast(ctx.device, precision):
-                logits, losses = trained(x, labels)
+                logits, losses = trained(x, labels, idx.to(ctx.device, non_blocking=True))
             loss = losses["loss"]
             bad = torch.tensor([0.0 if torch.isfinite(loss.detach()) else 1.0])
             if ctx.distributed:

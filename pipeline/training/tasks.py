@@ -1,6 +1,7 @@
 """Training tasks: what the engine optimises for a stage (see :func:`pipeline.training.engine.fit`).
 
-A task is an ``nn.Module`` whose ``forward(images, labels)`` returns
+A task is an ``nn.Module`` whose ``forward(images, labels, indices)`` (indices:
+the batch's positions in the training set, None outside training) returns
 ``(logits, {name: loss})`` with the total under ``"loss"``, and whose
 ``model`` is the network that is evaluated and saved.
 """
@@ -37,7 +38,8 @@ class SupervisedTask(Task):
         self.model = model
         self.label_smoothing = label_smoothing
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.model(images)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return logits, {"loss": ce, "ce": ce}
@@ -117,13 +119,14 @@ class DistillTask(Task):
             return self.teacher_cache.fetch(self.teacher.with_features, images, names)
         return self.teacher.with_features(images, names)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher_logits, teacher_feats = None, {}
         if self.teacher is not None:
             teacher_logits, teacher_feats = self.teacher_outputs(images)
         logits = self.model(images)
         branches = {tap: self.model.get_submodule(path).branch_outputs for tap, path in self.point_paths.items()}
         losses = self.method.losses(student_logits=logits, labels=labels, teacher_logits=teacher_logits,
-                                    teacher_feats=teacher_feats, branches=branches)
+                                    teacher_feats=teacher_feats, branches=branches, indices=indices)
         losses["loss"] = sum(losses.values())
         return logits, losses
