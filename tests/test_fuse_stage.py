@@ -67,7 +67,7 @@ def test_fuse_without_student_says_what_to_run(tmp_path):
     assert result.returncode == 2 and "run `pipeline distill` first" in result.stderr
 
 
-@pytest.mark.parametrize("args,expected", [(["--method", "kdx"], "unknown method 'kdx'; valid: at, dkd, fitnet, kd, kdiffusion, none"),
+@pytest.mark.parametrize("args,expected", [(["--method", "kdx"], "unknown method 'kdx'; valid: at, crd, dkd, fitnet, kd, kdiffusion, none"),
                                            (["--branches", "0"], "student.m"),
                                            (["--student", "swin"], "unknown student 'swin'")])
 def test_distill_bad_input(args, expected, stripes_root, tmp_path):

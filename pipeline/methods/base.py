@@ -79,18 +79,17 @@ FeaturePair = tuple[str, str, tuple[int, int, int], tuple[int, int, int]]
 class KDMethod(nn.Module):
     """The whole contract of a distillation method.
 
-    Class attributes: ``needs_teacher`` (the distill stage loads a teacher),
+    Class attributes: ``needs_teacher`` (the distill stage loads a teacher) and
     ``uses_features`` (the stage pairs the student's distillation points with
-    teacher taps and calls :meth:`setup` before training) and ``needs_indices``
-    (:meth:`losses` gets each image's index in the training set, of
-    ``num_samples`` images). Constructor keyword arguments are the method's
-    ``--method-option`` settings.
+    teacher taps and calls :meth:`setup` before training); ``num_samples`` is
+    the training set's size (set before :meth:`setup`; the engine passes each
+    image's index in it to :meth:`losses`). Constructor keyword arguments are
+    the method's ``--method-option`` settings.
     """
 
     name = "base"
     needs_teacher = True
     uses_features = False
-    needs_indices = False
     num_samples = 0  # the training set's size, set by the stage before setup
 
     def __init__(self, label_smoothing: float = 0.0, **options: Any):

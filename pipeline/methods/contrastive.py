@@ -66,7 +66,6 @@ class CRD(PairedFeatureMethod):
     exponential scores, ``momentum`` of the memory update; the paper's CIFAR-100 runs use ``beta`` 0.8."""
 
     needs_projector = False
-    needs_indices = True
 
     def __init__(self, beta: float = 0.8, feat_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,
                  momentum: float = 0.5, **options: Any):
