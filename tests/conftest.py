@@ -127,12 +127,27 @@ def shared_dir(tmp_path_factory, name: str) -> Iterator[Path]:
 TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
 
+def bench_torch_only(folder: Path) -> list[str]:
+    """``--config FILE`` that times torch alone: for runs whose bench is not what the test is about (it spares the
+    bench's exports of the unfused variants for ONNX Runtime and OpenVINO)."""
+    config = folder / "bench-torch.yaml"
+    config.write_text("bench: {backends: [torch]}\n")
+    return ["--config", str(config)]
+
+
 def train_tiny_teacher(run_dir: Path, data_root: Path, teacher: str) -> Path:
     """A run directory whose teacher stage finished (2 epochs on 320 stripe images)."""
     result = run_cli("teacher", "--teacher", teacher, "--data-root", str(data_root), "--epochs", "2",
                      "--run-dir", str(run_dir), *TINY)
     assert result.returncode == 0, result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def stripes_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
+    """A run directory whose ResNet-34 teacher finished on the stripes (shared: clone it before writing into it)."""
+    with shared_dir(tmp_path_factory, "stripes-teacher") as folder:
+        yield train_tiny_teacher(folder / "run", stripes_root, "resnet34")
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

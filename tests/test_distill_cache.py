@@ -126,7 +126,7 @@ def test_flip_augmentation_yields_two_keys_per_image_across_epochs():
 
 
 @pytest.mark.slow
-def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, stripes_root):
+def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, stripes_root, stripes_teacher):
     """KDiffusion (teacher, projectors, branch blocks) under a real 2-process torchrun, with sharded samplers:
     each rank caches its own images; the result equals the live teacher's."""
     import json
@@ -135,9 +135,9 @@ def test_torchrun_with_the_cache_trains_what_the_live_teacher_trains(tmp_path, s
     import sys
     from pathlib import Path
 
-    from tests.conftest import ROOT, TINY, train_tiny_teacher
+    from tests.conftest import ROOT, TINY
 
-    run_dir = train_tiny_teacher(tmp_path / "run", stripes_root, "resnet34")
+    run_dir = stripes_teacher  # read only: the teacher checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     torchrun = Path(sys.executable).parent / "torchrun"
     states = {}

@@ -2,26 +2,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import (
-    TINY,
-    clone_run,
-    run_cli,
-    shared_dir,
-    train_tiny_teacher,
-    tree_digest,
-)
-
-
-@pytest.fixture(scope="module")
-def with_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
-    with shared_dir(tmp_path_factory, "distill") as folder:
-        yield train_tiny_teacher(folder / "run", stripes_root, "resnet34")
+from tests.conftest import TINY, clone_run, run_cli, tree_digest
 
 
 @pytest.mark.parametrize("method,options", [
@@ -31,9 +17,9 @@ def with_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
     ("at", ["--points", "multi"]),
     ("kdiffusion", ["--branches", "2", "--method-option", "lambda_kd=0.5"]),
 ])
-def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with_teacher, stripes_root, tmp_path):
+def test_distill_stripes_teacher_saves_student_only_and_fuses(method, options, stripes_teacher, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
-    clone_run(with_teacher, run_dir)
+    clone_run(stripes_teacher, run_dir)
     teacher_before = tree_digest(run_dir / "teacher")
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", method, *options, "--data-root",
                      str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir), *TINY)
@@ -49,10 +35,10 @@ def test_distill_with_teacher_saves_student_only_and_fuses(method, options, with
     assert tree_digest(run_dir / "teacher") == teacher_before
 
 
-def test_crd_gets_every_training_image_index_from_the_engine(with_teacher, stripes_root, tmp_path):
+def test_crd_gets_every_training_image_index_from_the_engine(stripes_teacher, stripes_root, tmp_path):
     """One epoch visits each of the 320 training images once: every row of both memory banks has been written
     (unit norm; the initial rows are not), so the engine handed the method each image's own index."""
-    run_dir = clone_run(with_teacher, tmp_path / "run")
+    run_dir = clone_run(stripes_teacher, tmp_path / "run")
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "crd", "--method-option",
                      "negatives=256", "--data-root", str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir),
                      *TINY)
@@ -76,16 +62,16 @@ def _two_class_folder(root: Path) -> str:
     (["--method", "kd", "--method-option", "gamma=1"], "method 'kd' has no option(s) gamma; valid: alpha, temperature"),
     (["--method", "kd", "--method-option", "oops"], "expected KEY=VALUE"),
 ])
-def test_distill_option_errors(args, expected, with_teacher, stripes_root):
-    result = run_cli("distill", "--data-root", str(stripes_root), "--run-dir", str(with_teacher), *TINY, *args)
+def test_distill_option_errors(args, expected, stripes_teacher, stripes_root):
+    result = run_cli("distill", "--data-root", str(stripes_root), "--run-dir", str(stripes_teacher), *TINY, *args)
     assert result.returncode == 2 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_teacher_of_other_classes_is_refused(with_teacher, tmp_path):
+def test_teacher_of_other_classes_is_refused(stripes_teacher, tmp_path):
     folder = _two_class_folder(tmp_path / "images")
     result = run_cli("distill", "--method", "kd", "--dataset", f"imagefolder:{folder}", "--image-size", "32",
-                     "--teacher-ckpt", str(with_teacher / "teacher" / "model.pt"), "--run-dir", str(tmp_path / "r"),
+                     "--teacher-ckpt", str(stripes_teacher / "teacher" / "model.pt"), "--run-dir", str(tmp_path / "r"),
                      "--no-progress")
     assert result.returncode == 2
     assert "has 10 classes but dataset imagefolder:" in result.stderr and "has 2" in result.stderr
@@ -97,10 +83,10 @@ def test_missing_teacher_says_how_to_get_one(stripes_root, tmp_path):
     assert result.returncode == 2 and "pipeline teacher" in result.stderr
 
 
-def test_teacher_cache_serves_repeated_inputs_and_is_off_with_random_crops(with_teacher, stripes_root, tmp_path):
+def test_teacher_cache_serves_repeated_inputs_and_is_off_with_random_crops(stripes_teacher, stripes_root, tmp_path):
     """Through the real CLI: without augmentation epoch 2 never runs the teacher; with crop-flip no cache."""
     common = ["distill", "--student", "shufflenetv2_x0_5", "--method", "kdiffusion", "--branches", "2",
-              "--data-root", str(stripes_root), "--teacher-ckpt", str(with_teacher / "teacher" / "model.pt"), *TINY]
+              "--data-root", str(stripes_root), "--teacher-ckpt", str(stripes_teacher / "teacher" / "model.pt"), *TINY]
     result = run_cli(*common, "--augment", "none", "--epochs", "2", "--run-dir", str(tmp_path / "none"))
     assert result.returncode == 0, result.stderr
     assert "teacher cache after epoch 1: {'entries': 320, 'mb'" in result.stderr and "'misses': 320," in result.stderr
@@ -115,7 +101,7 @@ def test_teacher_cache_serves_repeated_inputs_and_is_off_with_random_crops(with_
     assert meta["arch"]["teacher"]["cache"] is None
 
 
-def test_the_teachers_precision_is_a_setting_in_the_fingerprint(with_teacher, stripes_root, tmp_path):
+def test_the_teachers_precision_is_a_setting_in_the_fingerprint(stripes_teacher, stripes_root, tmp_path):
     """No timing probe decides the teacher's arithmetic: auto is fp32 on a CPU (the fingerprint of runs made before
     the setting existed), an explicit bf16 is recorded and makes another distillation."""
     import torch
@@ -123,7 +109,7 @@ def test_the_teachers_precision_is_a_setting_in_the_fingerprint(with_teacher, st
     from pipeline.stages.distill import teacher_precision
 
     assert teacher_precision("auto", torch.device("cpu")) == "fp32"
-    run_dir = clone_run(with_teacher, tmp_path / "run")
+    run_dir = clone_run(stripes_teacher, tmp_path / "run")
     common = ["distill", "--student", "shufflenetv2_x0_5", "--method", "kd", "--data-root", str(stripes_root),
               "--epochs", "1", "--run-dir", str(run_dir), *TINY]
     result = run_cli(*common)

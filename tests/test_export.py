@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from PIL import Image
@@ -29,7 +30,7 @@ from exporters.sessions import RuntimeOptions, open_session
 from models import model_names
 from models.reparam import build_multibranch_student, fuse_model
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import clone_run, run_cli
+from tests.conftest import clone_run, run_cli, tree_digest
 
 META = {"architecture": "test-arch", "zoo_name": "test", "classes": [f"class {i}" for i in range(10)],
         "input_size": [3, 32, 32], "channel_order": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -115,11 +116,14 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     assert meta["architecture"] == "shufflenet_v2_x1_0" and meta["classes"] == manifest["classes"]
 
 
-def test_export_rerun_skips_when_nothing_changed(exported, fashion_root):
-    before = file_sha256(exported / "export" / "model.onnx")
-    result = run_cli("export", "--run-dir", str(exported), "--data-root", str(fashion_root), "--images", "16")
+def test_export_rerun_skips_when_nothing_changed(exported, fashion_root, tmp_path):
+    run = clone_run(exported, tmp_path / "run")
+    before = tree_digest(run / "export")
+    result = run_cli("export", "--run-dir", str(run), "--data-root", str(fashion_root), "--images", "16",
+                     "--calibration-images", "32")  # the run's own settings (the tiny profile's)
     assert result.returncode == 0, result.stderr
-    assert "up to date" in result.stderr and file_sha256(exported / "export" / "model.onnx") == before
+    assert "export: artifacts are up to date with the fused student; skipping" in result.stderr
+    assert tree_digest(run / "export") == before
 
 
 def _perturb_classifier(path: Path) -> None:
@@ -258,3 +262,36 @@ def test_bench_bad_input(exported):
     assert result.returncode == 2 and "unknown backend tensorflow; valid: torch, onnxruntime, openvino" in result.stderr
     result = run_cli("bench", "--run-dir", str(exported), "--batch-sizes", "1,x")
     assert result.returncode == 2 and "batch sizes must be integers" in result.stderr
+
+
+def test_the_bench_exports_a_variant_again_only_when_its_model_or_file_changed(tmp_path):
+    from pipeline.stages.bench import export_variant_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(10)).eval()
+    model(torch.randn(1, 3, 8, 8))  # materialise the lazy layer
+    meta, path = {"architecture": "toy", "input_size": [3, 8, 8]}, tmp_path / "unfused.onnx"
+    export_variant_onnx(model, path, meta)
+    first = path.stat()
+    export_variant_onnx(model, path, meta)
+    assert path.stat().st_ino == first.st_ino and path.stat().st_mtime_ns == first.st_mtime_ns  # reused
+
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] += 1.0  # another model: exported again, with its weights
+    export_variant_onnx(model, path, meta)
+    assert path.stat().st_ino != first.st_ino
+    ones = np.ones((1, 3, 8, 8), np.float32)
+
+    def run_file() -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: ones})[0]
+
+    expected = model(torch.from_numpy(ones)).detach().numpy()
+    np.testing.assert_allclose(run_file(), expected, rtol=1e-4, atol=1e-5)
+
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(path.read_bytes()[:100])
+    damaged.replace(path)  # a damaged file is never reused
+    export_variant_onnx(model, path, meta)
+    np.testing.assert_allclose(run_file(), expected, rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ from exporters.formats import read_metadata
 from exporters.quantize import Int8Settings, judge_int8
 from exporters.runtime import Classifier
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import clone_run, make_stripes, run_cli, shared_dir, write_idx
+from tests.conftest import bench_torch_only, clone_run, make_stripes, run_cli, shared_dir, write_idx
 
 FLOAT_FILES = ("model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
                "openvino/model_fp16.bin")
@@ -31,12 +31,11 @@ INT8_FILES = ("model_int8.onnx", "openvino/model_int8.xml", "openvino/model_int8
 def learned_run(tmp_path_factory, stripes_root) -> Path:
     """A finished tiny run whose student learned the stripes (~90% test top-1), bench timing torch only."""
     with shared_dir(tmp_path_factory, "int8-run") as folder:
-        config = folder / "bench-torch.yaml"
-        config.write_text("bench: {backends: [torch]}\n")
         run_dir = folder / "run"
         result = run_cli("run", "--profile", "tiny", "--data-root", str(stripes_root), "--run-dir", str(run_dir),
                          "--no-progress", "--no-baseline", "--method", "none", "--teacher-epochs", "1",
-                         "--student-epochs", "6", "--subset", "640", "--config", str(config))
+                         "--student-epochs", "6", "--subset", "640", "--calibration-images", "300",
+                         *bench_torch_only(folder))
         assert result.returncode == 0, result.stderr[-3000:]
         yield run_dir
 

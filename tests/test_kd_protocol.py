@@ -62,7 +62,8 @@ def test_the_whole_protocol_runs_at_tiny_size(tiny_run, fashion_root, tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "kd_methods.py"), "--scale", "tiny", "--device", "cpu",
          "--teacher-ckpt", str(tiny_run / "teacher" / "model.pt"), "--data-root", str(fashion_root),
          "--out", str(tmp_path / "out"), "--methods", "none,kd", "--max-settings", "1", "--seeds", "2",
-         "--ablations", "none", "--results", str(results)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+         "--ablations", "none", "--jobs", "2", "--results", str(results)], capture_output=True, text=True, cwd=ROOT,
+        timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     text = results.read_text()
     assert "| KD | temperature=2 alpha=0.5 | " in text  # the one tuned setting, scored on the validation split

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pipeline.config import STUDENT_RECIPE, TrainConfig
-from tests.conftest import ROOT, kill_when_written, run_cli, tree_digest
+from tests.conftest import ROOT, bench_torch_only, kill_when_written, run_cli, tree_digest
 
 # The last commit with the flat layout (pipeline/stage.py, pipeline/teacher.py, ..., pipeline/latency.py).
 OLD_LAYOUT_COMMIT = "edeb4e5"
@@ -41,12 +41,10 @@ def old_checkout(tmp_path_factory) -> Path:
 
 def _args(run_dir: Path, data_root: Path, *extra: str) -> list[str]:
     # the README's form (models named on the command line), the tiny profile, the stripes data; the bench times
-    # torch only (both versions read this file), which spares it exporting two more ONNX variants per run
-    config = run_dir.parent / "bench-torch.yaml"
-    config.write_text("bench: {backends: [torch]}\n")
+    # torch only (both versions read this file)
     return ["run", "--profile", "tiny", "--teacher", "swin", "--student", "shufflenetv2", "--data-root",
-            str(data_root), "--run-dir", str(run_dir), "--no-progress", "--no-baseline", "--config", str(config),
-            *extra]
+            str(data_root), "--run-dir", str(run_dir), "--no-progress", "--no-baseline",
+            *bench_torch_only(run_dir.parent), *extra]
 
 
 def _actions(run_dir: Path) -> dict[str, str]:
@@ -79,9 +77,9 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     assert new_config["data"].pop("validation") is None and new_config.pop("baselines") == ["none"]
     # the default method followed the evidence (benchmarks/results/2026-12-05-kd-methods.md)
     assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "kd"
-    for key, default in (("int8", True), ("calibration_images", 300), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
+    for key, default in (("int8", True), ("calibration_images", 32), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
                          ("int8_min_agreement", 97.0), ("int8_eval_images", None)):
-        assert new_config["export"].pop(key) == default  # the INT8 step, added since
+        assert new_config["export"].pop(key) == default  # the INT8 step, added since (the tiny profile's values)
     for key in ("lr", "weight_decay", "grad_clip"):
         assert old_config["student"]["train"].pop(key) == getattr(TrainConfig(), key)  # the teacher's recipe
         assert new_config["student"]["train"].pop(key) == STUDENT_RECIPE[key]
@@ -89,14 +87,16 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
 
 
 def test_an_interrupted_old_run_resumes(old_checkout, stripes_root, tmp_path):
+    """The old code is killed after the teacher's first epoch; the new code resumes the teacher from the old
+    layout's checkpoint with the old run's own config.yaml (the stages after it are test 1's subject)."""
     run = tmp_path / "run"
-    args = _args(run, stripes_root, "--teacher-epochs", "2", "--student-epochs", "1")
-    kill_when_written(args, run / "teacher" / "checkpoints" / "last.pt", cwd=old_checkout)
+    kill_when_written(_args(run, stripes_root, "--teacher-epochs", "2"), run / "teacher" / "checkpoints" / "last.pt",
+                      cwd=old_checkout)
 
-    new = run_cli(*args)
+    new = run_cli("teacher", "--config", str(run / "config.yaml"), "--data-root", str(stripes_root), "--run-dir",
+                  str(run), "--no-progress")
     assert new.returncode == 0, new.stderr
-    assert "resuming teacher from epoch" in new.stderr
-    actions = _actions(run)
-    assert actions["teacher"] == "resumed" and all(actions[n] == "ran" for n in STAGES[1:]), actions
+    assert "resuming teacher from epoch 1" in new.stderr
     epochs = [json.loads(line)["epoch"] for line in (run / "teacher" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+    assert json.loads((run / "teacher" / "metrics.json").read_text())["resumed_from_epoch"] == 1

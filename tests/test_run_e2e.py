@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import clone_run, kill_when_written, run_cli, tree_digest
+from tests.conftest import bench_torch_only, clone_run, kill_when_written, run_cli, tree_digest
 
 pytestmark = pytest.mark.slow
 STAGES = ["teacher", "distill", "baseline", "fuse", "export", "bench", "report"]
@@ -100,7 +100,7 @@ def test_changing_a_setting_reruns_that_stage_and_the_later_ones_only(finished_r
     run = tmp_path / "run"
     clone_run(finished_run, run)
     changed = ("--method-option", "temperature=2")  # the distillation's own setting: the baseline is unaffected
-    result = run_tiny(run, fashion_root, *changed)
+    result = run_tiny(run, fashion_root, *changed, *bench_torch_only(tmp_path))
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     assert actions["teacher"] == "skipped" and actions["baseline"] == "skipped", actions
@@ -113,7 +113,7 @@ def test_more_baselines_train_beside_the_student_and_reach_the_report(finished_r
     run = tmp_path / "run"
     clone_run(finished_run, run)
     alone = tree_digest(run / "baseline" / "student")
-    result = run_tiny(run, fashion_root, "--baselines", "none,kd")
+    result = run_tiny(run, fashion_root, "--baselines", "none,kd", *bench_torch_only(tmp_path))
     assert result.returncode == 0, result.stderr
     actions = {n: s["action"] for n, s in json.loads((run / "manifest.json").read_text())["stages"].items()}
     # the export's metadata carries config.yaml's sha256, so its files are written again with the new one; the
@@ -135,10 +135,8 @@ def test_sigkill_mid_distillation_then_rerun_resumes(finished_run, fashion_root,
     run = tmp_path / "run"
     run.mkdir()
     clone_run(finished_run / "teacher", run / "teacher")  # the teacher stage is done
-    bench_torch = tmp_path / "bench-torch.yaml"  # the bench has nothing to do with resuming: spare its exports
-    bench_torch.write_text("bench: {backends: [torch]}\n")
     args = ["run", "--profile", "tiny", "--run-dir", str(run), "--data-root", str(fashion_root), "--no-progress",
-            "--student-epochs", "2", "--no-baseline", "--config", str(bench_torch)]
+            "--student-epochs", "2", "--no-baseline", "--no-int8", *bench_torch_only(tmp_path)]
     kill_when_written(args, run / "student" / "checkpoints" / "last.pt")
     assert not (run / "student" / "stage.json").exists()  # killed before the distillation finished
 

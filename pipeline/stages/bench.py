@@ -9,6 +9,8 @@ as the fused student, so fused/stock ~ 1 shows that fusion left nothing behind.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,17 +46,43 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def module_digest(module: torch.nn.Module, meta: dict[str, Any]) -> str:
+    """sha256 of what an ONNX export of ``module`` depends on: its class, every tensor of its state (name, dtype,
+    shape, bytes), the export's metadata and the torch version."""
+    h = hashlib.sha256(f"{type(module).__qualname__}|{json.dumps(meta, sort_keys=True)}|{torch.__version__}".encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def export_variant_onnx(module: torch.nn.Module, path: Path, meta: dict[str, Any]) -> Path:
+    """The variant's ONNX file, exported again only when the module or the settings changed since the file was
+    written (``NAME.source.json`` beside it records the module's digest and the file's sha256): a rerun of the
+    bench after a bench setting changed skips the exporter (about 10 s a variant)."""
     from exporters.onnx import export_onnx
 
-    return export_onnx(module, path, tuple(meta["input_size"]), meta)
+    source = {"module": module_digest(module, meta)}
+    stamp = path.with_suffix(".source.json")
+    if path.is_file() and stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == {**source, "sha256": file_sha256(path)}:
+                log.info("bench: %s is up to date with its model; not exported again", path)
+                return path
+        except (OSError, ValueError):
+            pass  # unreadable: export again
+    export_onnx(module, path, tuple(meta["input_size"]), meta)
+    atomic_write_json(stamp, {**source, "sha256": file_sha256(path)})
+    return path
 
 
 def load_variants(layout: RunLayout, work_dir: Path, need_onnx: bool) -> tuple[list[Variant], dict[str, Any]]:
     """fused, unfused and stock versions of the run's student, with ONNX files when ``need_onnx``."""
     fused, info = load_fused(layout)
     unfused, _ = load_student(layout)
-    stock, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
+    with torch.random.fork_rng():  # seeded: the same stock weights every time (its ONNX file is then reusable)
+        torch.manual_seed(0)
+        stock, _, _ = build_model(info["zoo_name"], info["num_classes"], info["input_size"][-1], role="student")
     variants = [Variant("fused", fused), Variant("unfused", unfused.float().eval()), Variant("stock", stock.eval())]
     if need_onnx:
         export = layout.export
