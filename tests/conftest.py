@@ -188,3 +188,15 @@ def clone_run(source: Path, dest: Path) -> Path:
 
     shutil.copytree(source, dest, copy_function=link_or_copy)
     return dest
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test``: a worker per core) each worker gets one core of its own, inherited by its
+    subprocesses: the pipeline sizes its thread pools from the usable cores, so the workers never fight over the
+    same cores (unpinned, two workers on 2 cores were slower than one process)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+
