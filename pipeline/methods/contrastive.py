@@ -39,22 +39,27 @@ def nce_loss(scores: torch.Tensor, num_samples: int, eps: float = 1e-7) -> torch
     return -(positive.sum() + negative.sum()) / scores.shape[0]
 
 
+def world_size() -> int:
+    """The processes of the DDP run (1 outside torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def gather_from_ranks(values: torch.Tensor) -> torch.Tensor:
     """Every rank's ``values`` concatenated in rank order (the tensor itself outside DDP). Ranks hold equally
     sized batches (the training loader drops the last, uneven one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return values
-    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(values) for _ in range(world_size())]
     dist.all_gather(parts, values.contiguous())
     return torch.cat(parts)
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return value
     value = value.clone()
     dist.all_reduce(value)
-    return value / dist.get_world_size()
+    return value / world_size()
 
 
 @register_method("crd")
