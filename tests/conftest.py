@@ -11,7 +11,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,12 +104,36 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
     every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
-    with shared_dir(tmp_path_factory, "tiny-run") as folder:
-        run_dir = folder / "run"
-        result = run_cli("run", "--profile", "tiny", "--run-dir", str(run_dir), "--data-root", str(fashion_root),
-                         "--no-progress")
+    def build(folder: Path) -> None:
+        result = run_cli("run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
+                         str(fashion_root), "--no-progress")
         assert result.returncode == 0, result.stderr
-        yield run_dir
+
+    with shared_by_workers(tmp_path_factory, "tiny-run", build) as folder:
+        yield folder / "run"
+
+
+@contextlib.contextmanager
+def shared_by_workers(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Iterator[Path]:
+    """A session-wide folder made once by ``build``. Under pytest-xdist the first worker that needs it builds it,
+    under a file lock, in the folder above the workers' own, and the others read it (one copy on disk: a tiny
+    run holds 0.6 GB); pytest removes that folder with the run's others."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        with shared_dir(tmp_path_factory, name) as folder:
+            build(folder)
+            yield folder
+        return
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp().parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    yield folder
 
 
 @contextlib.contextmanager
