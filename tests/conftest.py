@@ -151,11 +151,11 @@ def shared_dir(tmp_path_factory, name: str) -> Iterator[Path]:
 TINY = ["--subset", "320", "--eval-subset", "100", "--batch-size", "64", "--precision", "fp32", "--no-progress"]
 
 
-def bench_torch_only(folder: Path) -> list[str]:
-    """``--config FILE`` that times torch alone: for runs whose bench is not what the test is about (it spares the
-    bench's exports of the unfused variants for ONNX Runtime and OpenVINO)."""
+def bench_torch_only(folder: Path, more_settings: str = "") -> list[str]:
+    """``--config FILE`` that times torch alone (plus ``more_settings``, YAML lines): for runs whose bench is not
+    what the test is about (it spares the bench's exports of the unfused variants for ONNX Runtime and OpenVINO)."""
     config = folder / "bench-torch.yaml"
-    config.write_text("bench: {backends: [torch]}\n")
+    config.write_text("bench: {backends: [torch]}\n" + more_settings)
     return ["--config", str(config)]
 
 
@@ -223,4 +223,3 @@ def pytest_configure(config) -> None:
         return
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
-

@@ -20,7 +20,7 @@ from exporters.formats import read_metadata
 from exporters.quantize import Int8Settings, judge_int8
 from exporters.runtime import Classifier
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import clone_run, make_stripes, run_cli, shared_dir, write_idx
+from tests.conftest import bench_torch_only, clone_run, make_stripes, run_cli, shared_dir, write_idx
 
 FLOAT_FILES = ("model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
                "openvino/model_fp16.bin")
@@ -35,13 +35,11 @@ def learned_run(tmp_path_factory, stripes_root) -> Path:
     depending on the thread count it trained with (top-1 within a point, or better), so its gate asks for 95%; the
     97% default is the subject of test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shippable."""
     with shared_dir(tmp_path_factory, "int8-run") as folder:
-        config = folder / "settings.yaml"
-        config.write_text("bench: {backends: [torch]}\nexport: {int8_min_agreement: 95.0}\n")
         run_dir = folder / "run"
         result = run_cli("run", "--profile", "tiny", "--data-root", str(stripes_root), "--run-dir", str(run_dir),
                          "--no-progress", "--no-baseline", "--method", "none", "--teacher-epochs", "1",
                          "--student-epochs", "6", "--subset", "640", "--eval-subset", "200", "--calibration-images",
-                         "300", "--config", str(config))
+                         "300", *bench_torch_only(folder, "export: {int8_min_agreement: 95.0}\n"))
         assert result.returncode == 0, result.stderr[-3000:]
         yield run_dir
 
