@@ -103,21 +103,31 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
-    every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
+    every test that needs a whole run directory: clone it (`clone_run`) before changing anything. Its resume
+    checkpoints are dropped (``drop_resume_checkpoints``)."""
     def build(folder: Path) -> None:
         result = run_cli("run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
                          str(fashion_root), "--no-progress")
         assert result.returncode == 0, result.stderr
+        drop_resume_checkpoints(folder / "run")
 
     with shared_by_workers(tmp_path_factory, "tiny-run", build) as folder:
         yield folder / "run"
 
 
+def drop_resume_checkpoints(run_dir: Path) -> None:
+    """Remove the finished stages' ``checkpoints/`` folders (resume state and best epoch: a Swin teacher's are
+    0.44 GB, and no test reads a shared fixture's). A finished stage is judged by its record and declared outputs,
+    so the run stays finished, as for a user who cleaned them up."""
+    for folder in run_dir.glob("*/checkpoints"):
+        shutil.rmtree(folder)
+
+
 @contextlib.contextmanager
 def shared_by_workers(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Iterator[Path]:
     """A session-wide folder made once by ``build``. Under pytest-xdist the first worker that needs it builds it,
-    under a file lock, in the folder above the workers' own, and the others read it (one copy on disk: a tiny
-    run holds 0.6 GB); pytest removes that folder with the run's others."""
+    under a file lock, in the folder above the workers' own, and the others read it (one copy on disk); pytest
+    removes that folder with the run's others."""
     if os.environ.get("PYTEST_XDIST_WORKER") is None:
         with shared_dir(tmp_path_factory, name) as folder:
             build(folder)
@@ -169,9 +179,13 @@ def train_tiny_teacher(run_dir: Path, data_root: Path, teacher: str) -> Path:
 
 @pytest.fixture(scope="session")
 def stripes_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
-    """A run directory whose ResNet-34 teacher finished on the stripes (shared: clone it before writing into it)."""
-    with shared_dir(tmp_path_factory, "stripes-teacher") as folder:
-        yield train_tiny_teacher(folder / "run", stripes_root, "resnet34")
+    """A run directory whose ResNet-34 teacher finished on the stripes (shared by every test and worker: clone it
+    before writing into it)."""
+    def build(folder: Path) -> None:
+        drop_resume_checkpoints(train_tiny_teacher(folder / "run", stripes_root, "resnet34"))
+
+    with shared_by_workers(tmp_path_factory, "stripes-teacher", build) as folder:
+        yield folder / "run"
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -19,15 +19,24 @@ from tests.conftest import (
     kill_when_written,
     run_cli,
     shared_dir,
-    train_tiny_teacher,
     tree_digest,
 )
 
 
+def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
+            "--subset", "192", "--eval-subset", "64", "--batch-size", "64", "--epochs", "2", "--precision", "fp32",
+            "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, stripes_root) -> Iterator[Path]:
+    """One uninterrupted Swin teacher run (stochastic depth on, deterministic): the module's tests read it, and it
+    is the reference the SIGKILLed run must match bit for bit (one Swin run fewer: ~0.5 GB and 30 s)."""
     with shared_dir(tmp_path_factory, "run") as folder:
-        yield train_tiny_teacher(folder / "run", stripes_root, "swin")
+        subprocess.run(_teacher_cmd(folder / "run", stripes_root), check=True, capture_output=True, cwd=ROOT,
+                       timeout=600)
+        yield folder / "run"
 
 
 def test_teacher_writes_its_outputs(finished_run):
@@ -49,8 +58,7 @@ def test_teacher_writes_its_outputs(finished_run):
 
 def test_second_identical_command_skips(finished_run, stripes_root):
     before = tree_digest(finished_run)
-    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
-                     "--run-dir", str(finished_run), *TINY)
+    result = run_cli(*_teacher_cmd(finished_run, stripes_root)[3:])
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr
     assert tree_digest(finished_run) == before
@@ -64,16 +72,8 @@ def test_saved_config_reproduces_the_settings(finished_run, stripes_root):
     assert "skipping" in result.stderr
 
 
-def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
-            "--subset", "192", "--eval-subset", "64", "--batch-size", "64", "--epochs", "2", "--precision", "fp32",
-            "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
-
-
-def test_sigkill_then_rerun_is_bit_identical(tmp_path, stripes_root):
-    reference = tmp_path / "reference"
-    subprocess.run(_teacher_cmd(reference, stripes_root), check=True, capture_output=True, cwd=ROOT, timeout=600)
-
+def test_sigkill_then_rerun_is_bit_identical(finished_run, tmp_path, stripes_root):
+    reference = finished_run
     killed = tmp_path / "killed"
     kill_when_written(_teacher_cmd(killed, stripes_root)[3:], killed / "teacher" / "checkpoints" / "last.pt")
     assert not (killed / "teacher" / "model.pt").exists()
@@ -153,8 +153,7 @@ def test_corrupt_checkpoint_is_named_and_kept(finished_run, stripes_root, tmp_pa
     (run_dir / "teacher" / "checkpoints" / "last.pt").unlink()  # a hard link to the fixture's: replace, not edit
     (run_dir / "teacher" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 torn")
     before = tree_digest(run_dir)
-    result = run_cli("teacher", "--teacher", "swin", "--data-root", str(stripes_root), "--epochs", "2",
-                     "--run-dir", str(run_dir), *TINY)
+    result = run_cli(*_teacher_cmd(run_dir, stripes_root)[3:])
     assert result.returncode == 2
     assert f"error: corrupt checkpoint {run_dir / 'teacher' / 'checkpoints' / 'last.pt'}" in result.stderr
     assert "Traceback" not in result.stderr and tree_digest(run_dir) == before
