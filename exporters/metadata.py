@@ -19,9 +19,12 @@ FIT_RULE = ("pad-or-resize: an image at most 25% smaller than the input side is 
             "other size is resized with antialiased bilinear interpolation; grey images are repeated to 3 channels")
 
 
-def build(model_info: Mapping[str, Any], *, input_name: str, output_name: str, config_sha256: str | None,
-          source_sha256: str | None, preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The metadata of an artifact made from a fused student described by ``fused/model.json``."""
+def build(model_info: Mapping[str, Any], *, input_name: str, output_name: str, source_sha256: str | None,
+          made_by: Mapping[str, str] | None = None, preprocessing: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata of an artifact made from a fused student described by ``fused/model.json``.
+
+    ``made_by`` names the settings fingerprints (each stage's ``settings_hash``) of the stages that made the model,
+    and nothing else: settings that do not shape the model (the bench's, the report's) leave the file as it is."""
     meta = {
         "architecture": model_info["architecture"],
         "zoo_name": model_info.get("zoo_name", model_info["architecture"]),
@@ -36,8 +39,8 @@ def build(model_info: Mapping[str, Any], *, input_name: str, output_name: str, c
         "input_name": input_name,
         "output_name": output_name,
         "output": "logits (apply softmax for probabilities)",
-        "config_sha256": config_sha256 or "",
         "source_sha256": source_sha256 or "",
+        "made_by": dict(made_by or {}),
     }
     if preprocessing is not None:  # exporters.preprocess.spec: what the runtime does to an image file
         meta["preprocessing"] = dict(preprocessing)
@@ -70,7 +73,7 @@ def decode(props: Mapping[str, str]) -> dict[str, Any]:
             meta[key[len(PREFIX):]] = value
     # JSON can't tell a string that looks like a number from a number; these are always text
     for key in ("architecture", "zoo_name", "channel_order", "layout", "fit", "input_name", "output_name", "output",
-                "config_sha256", "source_sha256"):
+                "config_sha256", "source_sha256"):  # config_sha256: files exported before made_by
         if key in meta and not isinstance(meta[key], str):
             meta[key] = json.dumps(meta[key])
     return meta

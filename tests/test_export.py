@@ -52,7 +52,7 @@ def test_every_fused_student_exports_and_meets_the_f32_gates(name, tmp_path):
     multi, arch = build_multibranch_student(name, 10, 32, 2, "multi", "none")
     fused = fuse_model(randomize_bn_statistics(multi, seed=1)).eval()
     meta = md.build({**META, "architecture": arch["torchvision_name"]}, input_name="images", output_name="logits",
-                    config_sha256="c" * 64, source_sha256="s" * 64)
+                    source_sha256="s" * 64, made_by={"distill": "d" * 16, "fuse": "f" * 16})
     path = export_onnx(fused, tmp_path / "model.onnx", (3, 32, 32), meta)
     onnx.checker.check_model(str(path), full_check=True)
     assert not (tmp_path / "model.onnx.data").exists()  # one self-contained file
@@ -113,6 +113,9 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     meta = read_metadata(export_dir / "model.onnx")
     assert meta == read_metadata(export_dir / "openvino" / "model.xml") == manifest["metadata"]
     assert meta["source_sha256"] == file_sha256(exported / "fused" / "model.pt")
+    recorded = {stage: json.loads((exported / folder / "stage.json").read_text())["settings_hash"]
+                for stage, folder in (("distill", "student"), ("fuse", "fused"))}
+    assert meta["made_by"] == recorded and all(recorded.values())
     assert meta["architecture"] == "shufflenet_v2_x1_0" and meta["classes"] == manifest["classes"]
 
 

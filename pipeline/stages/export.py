@@ -103,6 +103,13 @@ def artifact_list(folder: StageFolder, formats: Sequence[ExportFormat]) -> list[
     return files + extra  # an ONNX model over 2 GB keeps its weights in NAME.onnx.data
 
 
+def made_by(layout: RunLayout) -> dict[str, str]:
+    """The settings fingerprints of the stages that made the fused student, from their records (a file's
+    provenance; the run's config.yaml also holds settings that do not shape the model)."""
+    records = {"distill": layout.student.marker, "fuse": layout.fused.marker}
+    return {stage: str((read_json(path) or {}).get("settings_hash", "")) for stage, path in records.items()}
+
+
 def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | None = None,
                verify_only: bool = False) -> dict[str, Any]:
     """Export (or with ``verify_only`` re-check existing artifacts); raises GateFailedError on a failed gate.
@@ -117,8 +124,7 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     fused_sha = file_sha256(layout.fused.model)
     size, dataset = info["input_size"][-1], dataset_of(layout, info)
     meta = md.build(info, input_name=INPUT_NAME, output_name=OUTPUT_NAME, source_sha256=fused_sha,
-                    config_sha256=file_sha256(layout.config) if layout.config.exists() else None,
-                    preprocessing=preprocessing_spec(dataset, size, info["mean"], info["std"]))
+                    made_by=made_by(layout), preprocessing=preprocessing_spec(dataset, size, info["mean"], info["std"]))
     settings_hash = settings_digest({"settings": settings.as_dict(), "fused": fused_sha, "metadata": meta})
     int8_hash = settings_digest({"int8": settings.int8_dict(), "float": settings_hash}) if settings.int8 else None
     to_write = with_requirements(settings.formats)
