@@ -23,8 +23,12 @@ from tests.conftest import (
 )
 
 
-def _teacher_cmd(run_dir: Path, data_root: Path) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "teacher", "--teacher", "swin", "--data-root", str(data_root),
+PIPELINE = [sys.executable, "-m", "pipeline"]
+
+
+def _teacher_args(run_dir: Path, data_root: Path) -> list[str]:
+    """The module's Swin teacher command (after ``python -m pipeline``)."""
+    return ["teacher", "--teacher", "swin", "--data-root", str(data_root),
             "--subset", "192", "--eval-subset", "64", "--batch-size", "64", "--epochs", "2", "--precision", "fp32",
             "--drop-path", "0.2", "--deterministic", "--seed", "3", "--no-progress", "--run-dir", str(run_dir)]
 
@@ -34,8 +38,8 @@ def finished_run(tmp_path_factory, stripes_root) -> Iterator[Path]:
     """One uninterrupted Swin teacher run (stochastic depth on, deterministic): the module's tests read it, and it
     is the reference the SIGKILLed run must match bit for bit (one Swin run fewer: ~0.5 GB and 30 s)."""
     with shared_dir(tmp_path_factory, "run") as folder:
-        subprocess.run(_teacher_cmd(folder / "run", stripes_root), check=True, capture_output=True, cwd=ROOT,
-                       timeout=600)
+        subprocess.run([*PIPELINE, *_teacher_args(folder / "run", stripes_root)], check=True, capture_output=True,
+                       cwd=ROOT, timeout=600)
         yield folder / "run"
 
 
@@ -58,7 +62,7 @@ def test_teacher_writes_its_outputs(finished_run):
 
 def test_second_identical_command_skips(finished_run, stripes_root):
     before = tree_digest(finished_run)
-    result = run_cli(*_teacher_cmd(finished_run, stripes_root)[3:])
+    result = run_cli(*_teacher_args(finished_run, stripes_root))
     assert result.returncode == 0, result.stderr
     assert "skipping" in result.stderr
     assert tree_digest(finished_run) == before
@@ -75,11 +79,11 @@ def test_saved_config_reproduces_the_settings(finished_run, stripes_root):
 def test_sigkill_then_rerun_is_bit_identical(finished_run, tmp_path, stripes_root):
     reference = finished_run
     killed = tmp_path / "killed"
-    kill_when_written(_teacher_cmd(killed, stripes_root)[3:], killed / "teacher" / "checkpoints" / "last.pt")
+    kill_when_written(_teacher_args(killed, stripes_root), killed / "teacher" / "checkpoints" / "last.pt")
     assert not (killed / "teacher" / "model.pt").exists()
 
-    resumed = subprocess.run(_teacher_cmd(killed, stripes_root), capture_output=True, text=True, cwd=ROOT,
-                             timeout=600)
+    resumed = subprocess.run([*PIPELINE, *_teacher_args(killed, stripes_root)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming teacher from epoch" in resumed.stderr
     a = torch.load(reference / "teacher" / "model.pt", weights_only=True)
@@ -153,7 +157,7 @@ def test_corrupt_checkpoint_is_named_and_kept(finished_run, stripes_root, tmp_pa
     (run_dir / "teacher" / "checkpoints" / "last.pt").unlink()  # a hard link to the fixture's: replace, not edit
     (run_dir / "teacher" / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 torn")
     before = tree_digest(run_dir)
-    result = run_cli(*_teacher_cmd(run_dir, stripes_root)[3:])
+    result = run_cli(*_teacher_args(run_dir, stripes_root))
     assert result.returncode == 2
     assert f"error: corrupt checkpoint {run_dir / 'teacher' / 'checkpoints' / 'last.pt'}" in result.stderr
     assert "Traceback" not in result.stderr and tree_digest(run_dir) == before
