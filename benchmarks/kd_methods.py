@@ -284,12 +284,22 @@ def table(rows: dict[str, tuple[str, list[str]]], runs: dict[str, list[Run]], al
     return lines
 
 
+NETWORK_FLAGS = {"--branches": "m", "--points": "points"}  # flags that change the training-time network
+
+
+def network_of(flags: list[str]) -> str:
+    """The label part naming a row's training-time network when it is not the default one ("" when it is):
+    ``m=8`` for ``--branches 8``, ``points=multi`` for ``--points multi``."""
+    return " ".join(f"{name}={flags[flags.index(flag) + 1]}" for flag, name in NETWORK_FLAGS.items() if flag in flags)
+
+
 def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
               ) -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
     """The test-phase rows (label -> (method, flags)) and, for each, the label of the student-alone row it is
-    paired with: the one with the same branch count ``m``."""
+    paired with: the one with the same training-time network (branch count ``m`` and distillation points, e.g.
+    ReviewKD's multi-point grid or the m=8 ablation), added where the default student alone is another network
+    and itself paired with the default one."""
     rows = {LABELS[m]: (m, flags) for m, flags in chosen.items()}
-    alone_of = {label: "student alone" for label in rows}
     if "kdiffusion" in chosen:
         variants = ablations(chosen["kdiffusion"])
         unknown = sorted(set(ablation_labels) - set(variants) - {"all", "variance"})
@@ -297,14 +307,16 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
             raise SystemExit(f"unknown ablation(s) {', '.join(unknown)}; valid: all, {', '.join(variants)}")
         for label, flags in variants.items():
             wanted = label in ablation_labels or (label.startswith("variance=") and "variance" in ablation_labels)
-            if "all" not in ablation_labels and not wanted:
-                continue
-            rows[f"KDiffusion {label}"] = ("kdiffusion", flags)
-            alone_of[f"KDiffusion {label}"] = "student alone"
-            if "--branches" in flags:
-                m = flags[flags.index("--branches") + 1]
-                rows[f"student alone m={m}"] = ("none", ["--branches", m])
-                alone_of[f"student alone m={m}"] = alone_of[f"KDiffusion {label}"] = f"student alone m={m}"
+            if "all" in ablation_labels or wanted:
+                rows[f"KDiffusion {label}"] = ("kdiffusion", flags)
+    alone_of = {}
+    for label, (method, flags) in list(rows.items()):
+        network = network_of(flags)
+        alone_of[label] = f"student alone {network}" if network else "student alone"
+        if network and method != "none":
+            rows[alone_of[label]] = ("none", [part for flag in NETWORK_FLAGS if flag in flags
+                                              for part in (flag, flags[flags.index(flag) + 1])])
+            alone_of[alone_of[label]] = "student alone"  # shows what the other network alone changes
     return rows, alone_of
 
 

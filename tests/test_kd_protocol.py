@@ -26,15 +26,22 @@ def test_every_grid_has_the_same_budget_and_kdiffusion_no_more(protocol):
     assert len(set(sizes.values())) == 1, sizes
 
 
-def test_each_branch_count_is_compared_with_the_student_alone_of_that_count(protocol):
-    """Regression: the m=1/2/8 rows were compared with a student alone that had m=4 branches (another network)."""
-    chosen = {"none": [], "kd": ["--method-option", "alpha=0.9"], "kdiffusion": ["--method-option", "lambda_diff=1"]}
-    rows, alone_of = protocol.plan_rows(chosen, ["m=1", "m=8", "chain=reduced"])
+def test_each_row_is_compared_with_the_student_alone_of_its_training_time_network(protocol):
+    """Regression: the m=1/2/8 rows were compared with a student alone that had m=4 branches, and the multi-point
+    rows (ReviewKD's grid, the points=multi ablation) with a student that has branches at one point only."""
+    chosen = {"none": [], "kd": ["--method-option", "alpha=0.9"], "kdiffusion": ["--method-option", "lambda_diff=1"],
+              "reviewkd": ["--points", "multi", "--method-option", "beta=1"]}
+    rows, alone_of = protocol.plan_rows(chosen, ["m=1", "m=8", "chain=reduced", "points=multi"])
     assert alone_of["KDiffusion m=1"] == "student alone m=1" and rows["student alone m=1"] == ("none", ["--branches", "1"])
     assert alone_of["KDiffusion m=8"] == "student alone m=8" and rows["student alone m=8"][1] == ["--branches", "8"]
+    assert alone_of["KDiffusion points=multi"] == alone_of["ReviewKD"] == "student alone points=multi"
+    assert rows["student alone points=multi"] == ("none", ["--points", "multi"])
     assert alone_of["KDiffusion chain=reduced"] == alone_of["KD"] == alone_of["KDiffusion"] == "student alone"
+    assert alone_of["student alone m=8"] == alone_of["student alone points=multi"] == "student alone"
     assert rows["KDiffusion chain=reduced"] == ("kdiffusion", [*chosen["kdiffusion"], "--method-option",
                                                                "chain=reduced"])
+    assert {label for label, (method, _) in rows.items() if method == "none"} == {
+        "student alone", "student alone m=1", "student alone m=8", "student alone points=multi"}
     assert "KDiffusion shuffle=off" not in rows
     with pytest.raises(SystemExit, match="unknown ablation"):
         protocol.plan_rows(chosen, ["m=3"])
