@@ -225,9 +225,21 @@ def interval(values: list[float]) -> tuple[float, float]:
     return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def paired(runs: list[Run], reference: list[Run]) -> list[float]:
+def differences(runs: list[Run], reference: list[Run]) -> dict[int, float]:
+    """Top-1 minus the reference's, by seed (the seeds both have)."""
     by_seed = {r.seed: r.metrics["top1"] for r in reference}
-    return [r.metrics["top1"] - by_seed[r.seed] for r in runs if r.seed in by_seed]
+    return {r.seed: r.metrics["top1"] - by_seed[r.seed] for r in runs if r.seed in by_seed}
+
+
+def paired(runs: list[Run], reference: list[Run]) -> list[float]:
+    return list(differences(runs, reference).values())
+
+
+def gain_change(runs: list[Run], alone: list[Run], reference: list[Run], reference_alone: list[Run]) -> list[float]:
+    """Per seed, how much more the row gains over its student alone than the reference gains over its own: an
+    ablation's effect on the distillation gain, fair also where the change alters the network (m, points)."""
+    mine, theirs = differences(runs, alone), differences(reference, reference_alone)
+    return [mine[seed] - theirs[seed] for seed in mine if seed in theirs]
 
 
 def shown(values: list[float]) -> str:
@@ -267,9 +279,11 @@ def map_sizes(run: Run) -> str:
 
 
 def table(rows: dict[str, tuple[str, list[str]]], runs: dict[str, list[Run]], alone_of: dict[str, str]) -> list[str]:
+    ablated = any(label.startswith("KDiffusion ") for label in rows)  # then: each change's effect on the gain
     lines = ["| row | method | setting | seeds | test top-1 (%) | vs student alone (paired, 95% CI) | "
-             "vs KD (paired, 95% CI) | epoch time vs alone | last-epoch change |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs KD (paired, 95% CI) | " + ("gain vs KDiffusion's (paired, 95% CI) | " if ablated else "")
+             + "epoch time vs alone | last-epoch change |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if ablated else "")]
     for label, (method, flags) in rows.items():
         group, alone = runs[label], runs[alone_of[label]]
         top1 = [r.metrics["top1"] for r in group]
@@ -278,9 +292,13 @@ def table(rows: dict[str, tuple[str, list[str]]], runs: dict[str, list[Run]], al
         setting = " ".join(flags).replace("--method-option ", "") or "-"
         ratio = statistics.mean(epoch_time(r) for r in group) / statistics.mean(epoch_time(r) for r in alone)
         change = statistics.mean(last_epochs_change(r) for r in group)
+        vs_kdiffusion = ""
+        if ablated:
+            vs_kdiffusion = (shown(gain_change(group, alone, runs["KDiffusion"], runs[alone_of["KDiffusion"]]))
+                             if label.startswith("KDiffusion ") else "-") + " | "
         lines.append(f"| {label} | {method} | {setting} | {len(group)} | {spread} | "
                      f"{shown(paired(group, alone)) if label != alone_of[label] else '-'} | {vs_kd} | "
-                     f"{ratio:.2f}x | {change:.2f} |")
+                     f"{vs_kdiffusion}{ratio:.2f}x | {change:.2f} |")
     return lines
 
 

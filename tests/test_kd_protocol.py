@@ -58,6 +58,31 @@ def test_paired_differences_and_their_interval(protocol):
     assert protocol.shown([2.0, 2.1, 1.9]).endswith("*")
 
 
+def test_an_ablation_row_shows_its_effect_on_the_gain_over_the_student_alone_of_its_network(protocol):
+    """m=8 trains another network: its effect is its gain over the m=8 student alone minus KDiffusion's gain over
+    the default one, seed by seed (not the raw top-1 difference, which mixes in what 8 branches do alone)."""
+    def runs(method, top1s):
+        return [protocol.Run(method, [], seed, False, {"top1": t, "history": [{"test_top1": t, "epoch_time_s": 1.0}]})
+                for seed, t in enumerate(top1s)]
+
+    chosen = {"none": [], "kd": [], "kdiffusion": ["--method-option", "lambda_diff=1"]}
+    rows, alone_of = protocol.plan_rows(chosen, ["m=8"])
+    results = {"student alone": runs("none", [80.0, 81.0, 80.0]), "KD": runs("kd", [81.0, 82.0, 81.0]),
+               "KDiffusion": runs("kdiffusion", [81.0, 81.5, 80.5]),  # gains +1.0, +0.5, +0.5
+               "student alone m=8": runs("none", [82.0, 82.0, 83.0]),
+               "KDiffusion m=8": runs("kdiffusion", [83.0, 83.0, 84.5])}  # gains +1.0, +1.0, +1.5
+    lines = protocol.table(rows, results, alone_of)
+    assert "gain vs KDiffusion's" in lines[0] and all(line.count("|") == lines[0].count("|") for line in lines)
+    cells = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in lines[2:]}
+    column = lines[0].split(" | ").index("gain vs KDiffusion's (paired, 95% CI)")
+    assert cells["KDiffusion m=8"][column] == protocol.shown([0.0, 0.5, 1.0])  # not the raw +2.0, +1.5, +4.0
+    assert cells["KD"][column] == cells["student alone m=8"][column] == "-"
+    assert protocol.gain_change(results["KDiffusion m=8"], results["student alone m=8"], results["KDiffusion"],
+                                results["student alone"]) == [0.0, 0.5, 1.0]
+    plain = protocol.table({k: v for k, v in rows.items() if not k.endswith("m=8")}, results, alone_of)
+    assert "gain vs KDiffusion's" not in plain[0]  # no ablation rows, no column
+
+
 @pytest.mark.slow
 def test_the_whole_protocol_runs_at_tiny_size(tiny_run, fashion_root, tmp_path):
     """The script end to end on the CPU (its --device cuda --scale paper form runs the same code on a GPU):
