@@ -40,6 +40,8 @@ DATA_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--workers", "data.num_workers", dict(type=int, help="data-loader processes (image folders)")),
     ("--seed", "seed", dict(type=int, help="random seed (default 0)")),
     ("--deterministic/--no-deterministic", "deterministic", dict(default=None, help="deterministic algorithms")),
+    ("--keep-checkpoints/--no-keep-checkpoints", "keep_checkpoints",
+     dict(default=None, help="keep each training stage's checkpoints/ (resume state) after it finishes")),
 ]
 TRAIN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--epochs", "train.epochs", dict(type=int)),

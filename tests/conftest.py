@@ -103,24 +103,14 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
-    every test that needs a whole run directory: clone it (`clone_run`) before changing anything. Its resume
-    checkpoints are dropped (``drop_resume_checkpoints``)."""
+    every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
     def build(folder: Path) -> None:
         result = run_cli("run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
                          str(fashion_root), "--no-progress")
         assert result.returncode == 0, result.stderr
-        drop_resume_checkpoints(folder / "run")
 
     with shared_by_workers(tmp_path_factory, "tiny-run", build) as folder:
         yield folder / "run"
-
-
-def drop_resume_checkpoints(run_dir: Path) -> None:
-    """Remove the finished stages' ``checkpoints/`` folders (resume state and best epoch: a Swin teacher's are
-    0.44 GB, and no test reads a shared fixture's). A finished stage is judged by its record and declared outputs,
-    so the run stays finished, as for a user who cleaned them up."""
-    for folder in run_dir.glob("*/checkpoints"):
-        shutil.rmtree(folder)
 
 
 @contextlib.contextmanager
@@ -182,7 +172,7 @@ def stripes_teacher(tmp_path_factory, stripes_root) -> Iterator[Path]:
     """A run directory whose ResNet-34 teacher finished on the stripes (shared by every test and worker: clone it
     before writing into it)."""
     def build(folder: Path) -> None:
-        drop_resume_checkpoints(train_tiny_teacher(folder / "run", stripes_root, "resnet34"))
+        train_tiny_teacher(folder / "run", stripes_root, "resnet34")
 
     with shared_by_workers(tmp_path_factory, "stripes-teacher", build) as folder:
         yield folder / "run"

@@ -37,12 +37,14 @@ def test_distill_stripes_teacher_saves_student_only_and_fuses(method, options, s
 
 def test_crd_gets_every_training_image_index_from_the_engine(stripes_teacher, stripes_root, tmp_path):
     """One epoch visits each of the 320 training images once: every row of both memory banks has been written
-    (unit norm; the initial rows are not), so the engine handed the method each image's own index."""
+    (unit norm; the initial rows are not), so the engine handed the method each image's own index. The banks live
+    in the resume state, which a finished stage keeps only with --keep-checkpoints."""
     run_dir = clone_run(stripes_teacher, tmp_path / "run")
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "crd", "--method-option",
                      "negatives=256", "--data-root", str(stripes_root), "--epochs", "1", "--run-dir", str(run_dir),
-                     *TINY)
+                     "--keep-checkpoints", *TINY)
     assert result.returncode == 0, result.stderr
+    assert (run_dir / "student" / "checkpoints" / "best.pt").is_file()
     task = torch.load(run_dir / "student" / "checkpoints" / "last.pt", weights_only=True)["task"]
     for bank in ("student_memory_0", "teacher_memory_0"):
         norms = task[f"method.{bank}"].norm(dim=1)

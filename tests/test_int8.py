@@ -23,7 +23,6 @@ from pipeline.training.checkpoint import file_sha256
 from tests.conftest import (
     bench_torch_only,
     clone_run,
-    drop_resume_checkpoints,
     make_stripes,
     run_cli,
     shared_dir,
@@ -49,7 +48,6 @@ def learned_run(tmp_path_factory, stripes_root) -> Path:
                          "--student-epochs", "6", "--subset", "640", "--eval-subset", "200", "--calibration-images",
                          "300", *bench_torch_only(folder, "export: {int8_min_agreement: 95.0}\n"))
         assert result.returncode == 0, result.stderr[-3000:]
-        drop_resume_checkpoints(run_dir)
         yield run_dir
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,6 +179,8 @@ def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: 
         atomic_save(task.model.state_dict(), stage.folder.model)
         atomic_write_json(stage.folder.metrics, summary)
         summary = stage.mark_complete(settings_hash, list(TRAINING_OUTPUTS), summary)
+        if not cfg.keep_checkpoints:  # a finished stage never resumes: its resume state is dead weight
+            shutil.rmtree(stage.folder.checkpoints, ignore_errors=True)
     ctx.barrier()
     log.info("%s: test top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s of training", stage.name, result.top1,
              result.best_top1, result.best_epoch, result.train_time_s)
