@@ -305,10 +305,15 @@ def table(rows: dict[str, tuple[str, list[str]]], runs: dict[str, list[Run]], al
 NETWORK_FLAGS = {"--branches": "m", "--points": "points"}  # flags that change the training-time network
 
 
+def network_flags(flags: list[str]) -> dict[str, str]:
+    """The flags among ``flags`` that change the training-time network, with their values."""
+    return {flag: flags[flags.index(flag) + 1] for flag in NETWORK_FLAGS if flag in flags}
+
+
 def network_of(flags: list[str]) -> str:
     """The label part naming a row's training-time network when it is not the default one ("" when it is):
     ``m=8`` for ``--branches 8``, ``points=multi`` for ``--points multi``."""
-    return " ".join(f"{name}={flags[flags.index(flag) + 1]}" for flag, name in NETWORK_FLAGS.items() if flag in flags)
+    return " ".join(f"{NETWORK_FLAGS[flag]}={value}" for flag, value in network_flags(flags).items())
 
 
 def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
@@ -332,8 +337,7 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
         network = network_of(flags)
         alone_of[label] = f"student alone {network}" if network else "student alone"
         if network and method != "none":
-            rows[alone_of[label]] = ("none", [part for flag in NETWORK_FLAGS if flag in flags
-                                              for part in (flag, flags[flags.index(flag) + 1])])
+            rows[alone_of[label]] = ("none", [part for item in network_flags(flags).items() for part in item])
             alone_of[alone_of[label]] = "student alone"  # shows what the other network alone changes
     return rows, alone_of
 
