@@ -325,13 +325,18 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
     rows = {LABELS[m]: (m, flags) for m, flags in chosen.items()}
     if "kdiffusion" in chosen:
         variants = ablations(chosen["kdiffusion"])
-        unknown = sorted(set(ablation_labels) - set(variants) - {"all", "variance"})
+        variance = next(label for label in variants if label.startswith("variance="))
+        known = {**variants, "variance": variants[variance]}
+        unknown = sorted({part for label in ablation_labels for part in label.split("+")} - set(known) - {"all"})
         if unknown:
-            raise SystemExit(f"unknown ablation(s) {', '.join(unknown)}; valid: all, {', '.join(variants)}")
-        for label, flags in variants.items():
-            wanted = label in ablation_labels or (label.startswith("variance=") and "variance" in ablation_labels)
-            if "all" in ablation_labels or wanted:
-                rows[f"KDiffusion {label}"] = ("kdiffusion", flags)
+            raise SystemExit(f"unknown ablation(s) {', '.join(unknown)}; valid: all, {', '.join(variants)} "
+                             "(join several with + for one row with all of them)")
+        for label in (list(variants) if "all" in ablation_labels else []) + ablation_labels:
+            if label == "all":
+                continue
+            parts = [variance if part == "variance" else part for part in label.split("+")]
+            changes = [flag for part in parts for flag in known[part][len(chosen["kdiffusion"]):]]
+            rows[f"KDiffusion {'+'.join(parts)}"] = ("kdiffusion", [*chosen["kdiffusion"], *changes])
     alone_of = {}
     for label, (method, flags) in list(rows.items()):
         network = network_of(flags)
@@ -378,7 +383,8 @@ def main() -> None:
     parser.add_argument("--max-settings", type=int, default=4, help="tuning budget per method")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--ablations", default="all",
-                        help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels")
+                        help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels; "
+                             "labels joined by + make one row with all those changes (variance+m=8)")
     args = parser.parse_args()
     methods = parse_names(parser, args.methods, GRIDS, "method")
     if "none" not in methods:

@@ -47,6 +47,21 @@ def test_each_row_is_compared_with_the_student_alone_of_its_training_time_networ
         protocol.plan_rows(chosen, ["m=3"])
 
 
+def test_a_combined_ablation_makes_every_change_and_pairs_with_the_student_alone_of_its_network(protocol):
+    chosen = {"none": [], "kdiffusion": ["--method-option", "lambda_diff=1"]}
+    rows, alone_of = protocol.plan_rows(chosen, ["variance+m=8+points=multi", "m=8"])
+    label = "KDiffusion variance=learned+m=8+points=multi"
+    method, flags = rows[label]
+    assert method == "kdiffusion" and flags[:2] == chosen["kdiffusion"]
+    assert flags[2:] == ["--method-option", "variance=learned", "--branches", "8", "--points", "multi"]
+    assert alone_of[label] == "student alone m=8 points=multi"
+    assert rows["student alone m=8 points=multi"] == ("none", ["--branches", "8", "--points", "multi"])
+    assert alone_of["KDiffusion m=8"] == "student alone m=8"
+    assert [r for r, (m, _) in rows.items() if m == "kdiffusion"] == ["KDiffusion", label, "KDiffusion m=8"]
+    with pytest.raises(SystemExit, match="unknown ablation.*m=3"):
+        protocol.plan_rows(chosen, ["variance+m=3"])
+
+
 def test_paired_differences_and_their_interval(protocol):
     runs = [protocol.Run("kd", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([80.0, 81.0, 79.5])]
     alone = [protocol.Run("none", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([78.0, 80.0, 79.0])]
