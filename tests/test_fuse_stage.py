@@ -49,6 +49,33 @@ def test_fuse_passes_and_writes_a_stock_model(distilled, stripes_root, tmp_path)
     assert tree_digest(run_dir / "student") == student_before
 
 
+def test_a_tuning_run_is_measured_on_its_validation_images_at_every_stage(stripes_root, tmp_path):
+    """Regression: under --validation the student's top-1 was measured on images held out of the training split,
+    but the fused model's (and the INT8 gate's) on the test split, and the report showed both as "test top-1"."""
+    from pipeline.stages.loaders import held_out
+    from pipeline.training.data import load_dataset, stratified_subset, validation_split
+
+    run_dir = tmp_path / "run"
+    result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--data-root",
+                     str(stripes_root), "--epochs", "1", "--validation", "120", "--run-dir", str(run_dir), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "student: validation top-1" in result.stderr
+    result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32")
+    assert result.returncode == 0, result.stderr
+    student = json.loads((run_dir / "student" / "metrics.json").read_text())
+    fused = json.loads((run_dir / "fused" / "metrics.json").read_text())
+    assert student["eval_split"] == fused["eval_split"] == "validation" and fused["validation"] == 120
+    assert student["test_images"] == fused["test_images"] == 100
+    # the fused network is the student: on the same images it scores the same (one flip allowed)
+    assert abs(fused["top1"] - student["top1"]) <= 1.0 and fused["multibranch_top1"] == student["top1"]
+    # and those images are the held-out training images, not the test split's
+    images, labels = held_out(student, str(stripes_root), 100)
+    bundle = load_dataset(student["dataset"], str(stripes_root), False, student["image_size"])
+    expected = stratified_subset(validation_split(bundle.train, 120)[0], 100, 0, "eval_subset")
+    assert labels.tolist() == [int(expected[i][1]) for i in range(len(expected))]
+    assert not torch.equal(images, held_out({**student, "validation": None}, str(stripes_root), 100)[0])
+
+
 def test_failed_gate_exits_nonzero_and_keeps_student(distilled, stripes_root, tmp_path):
     run_dir = tmp_path / "run"
     clone_run(distilled, run_dir)

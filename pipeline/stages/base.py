@@ -138,6 +138,13 @@ def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
     return bundle, train, test, image_size
 
 
+def evaluated_on(validation: int | None) -> dict[str, Any]:
+    """Which split a stage's top-1 is measured on: the test split, or (``--validation N``, for tuning) N images
+    held out of the training split. Written into metrics.json so that later stages measure on the same images
+    and the report names the split."""
+    return {"eval_split": "validation" if validation else "test", "validation": validation}
+
+
 def data_settings(cfg: PipelineConfig) -> dict[str, Any]:
     """The data settings that change what a model learns (not where the files are)."""
     d = cfg.data
@@ -167,14 +174,15 @@ def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: 
     metrics.json(l) and stage.json."""
     resume = read_resume_state(stage.dir, settings_hash)
     set_deterministic(cfg.deterministic)
-    log.info("%s: %s on %s (%d train / %d test images, %dx%d, %s)", stage.name, arch["name"], bundle.name,
-             len(train), len(test), image_size, image_size, bundle.source)
+    log.info("%s: %s on %s (%d train / %d %s images, %dx%d, %s)", stage.name, arch["name"], bundle.name,
+             len(train), len(test), evaluated_on(cfg.data.validation)["eval_split"], image_size, image_size,
+             bundle.source)
     prep = BatchPreprocessor(image_size, bundle.mean, bundle.std, seed=cfg.seed, augment=cfg.data.augment)
     result = fit(task, train, test, prep, train_cfg, stage.dir, ctx, seed=cfg.seed, settings_hash=settings_hash,
                  num_workers=cfg.data.num_workers, progress=progress, resume_state=resume, label=stage.name)
     summary = {**result.as_dict(), "dataset": bundle.name, "classes": bundle.classes, "mean": list(bundle.mean),
                "std": list(bundle.std), "image_size": image_size, "arch": arch, "train_images": len(train),
-               "test_images": len(test), "world_size": ctx.world_size}
+               "test_images": len(test), "world_size": ctx.world_size, **evaluated_on(cfg.data.validation)}
     if ctx.is_main:
         atomic_save(task.model.state_dict(), stage.folder.model)
         atomic_write_json(stage.folder.metrics, summary)
@@ -182,6 +190,6 @@ def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: 
         if not cfg.keep_checkpoints:  # a finished stage never resumes: its resume state is dead weight
             shutil.rmtree(stage.folder.checkpoints, ignore_errors=True)
     ctx.barrier()
-    log.info("%s: test top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s of training", stage.name, result.top1,
-             result.best_top1, result.best_epoch, result.train_time_s)
+    log.info("%s: %s top-1 %.2f%% (best %.2f%% at epoch %d) in %.0f s of training", stage.name,
+             summary["eval_split"], result.top1, result.best_top1, result.best_epoch, result.train_time_s)
     return summary

@@ -35,7 +35,7 @@ from exporters.verify import check_hashes, read_manifest
 from pipeline.config import ExportConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
-from pipeline.stages.base import Stage, StageRun, StageSpec
+from pipeline.stages.base import Stage, StageRun, StageSpec, evaluated_on
 from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused, run_seed
 from pipeline.training.checkpoint import atomic_write_json, file_sha256, read_json, settings_digest
 from pipeline.training.data import preprocessing_spec
@@ -220,9 +220,11 @@ def quantize_and_judge(layout: RunLayout, folder: StageFolder, formats: Sequence
     int8 = settings.int8
     assert int8 is not None
     seed, size = run_seed(layout), info["input_size"][-1]
-    where = {"dataset": dataset, "image_size": size}
+    fused_metrics = read_json(layout.fused.metrics) or {}
+    split = evaluated_on(fused_metrics.get("validation"))  # the images the student and fused top-1 were measured on
+    where = {"dataset": dataset, "image_size": size, "validation": split["validation"]}
     calibration = held_out(where, data_root, int8.calibration_images, seed, split="train")[0].numpy()
-    count = settings.int8_eval_images or (read_json(layout.fused.metrics) or {}).get("test_images") or 10**9
+    count = settings.int8_eval_images or fused_metrics.get("test_images") or 10**9
     images, labels = (t.numpy() for t in held_out(where, data_root, count, seed))
     results, tags = [], {}
     for fmt in formats:
@@ -240,7 +242,7 @@ def quantize_and_judge(layout: RunLayout, folder: StageFolder, formats: Sequence
         log.info("export: INT8 %s -> %s", r.describe(), "ok" if r.passed else "FAILED")
     atomic_write_json(folder.int8_report, {
         "passed": all(r.passed for r in results), "settings": int8.as_dict(), "calibration": {
-            "images": len(calibration), "split": "train", "seed": seed}, "test_images": len(labels),
+            "images": len(calibration), "split": "train", "seed": seed}, "test_images": len(labels), **split,
         "results": [r.as_dict() for r in results]})
     return results, tags
 

@@ -15,7 +15,7 @@ from exporters.equivalence import Tolerances, fusion_checks, gate
 from models import get_spec
 from models.reparam import fuse_model
 from pipeline.layout import RunLayout
-from pipeline.stages.base import Stage, StageRun, StageSpec
+from pipeline.stages.base import Stage, StageRun, StageSpec, evaluated_on
 from pipeline.stages.loaders import held_out, load_student, run_seed, top1_accuracy
 from pipeline.training.checkpoint import atomic_save, atomic_write_json, file_sha256, settings_digest
 
@@ -55,12 +55,13 @@ def run_fuse(layout: RunLayout, tol: Tolerances, data_root: str | None = None, i
             "channel_order": "RGB", "mean": meta["mean"], "std": meta["std"],
             "pixel_scale": "divide uint8 pixels by 255, then subtract mean and divide by std",
             "source": str(layout.student.model), "multibranch": arch.get("multibranch")}
-    # the fused network's own accuracy on the student's test split (the same images, the same subset)
+    # the fused network's own accuracy on the images the student was evaluated on (the same split and subset)
     test_images, test_labels = held_out(meta, data_root, meta["test_images"], run_seed(layout))
+    split = evaluated_on(meta.get("validation"))
     metrics = {"top1": top1_accuracy(fused, test_images, test_labels), "test_images": len(test_labels),
-               "multibranch_top1": meta.get("top1")}
-    log.info("fuse: fused student test top-1 %.2f%% (multi-branch %.2f%%) on %d images", metrics["top1"],
-             meta.get("top1", float("nan")), len(test_labels))
+               "multibranch_top1": meta.get("top1"), **split}
+    log.info("fuse: fused student %s top-1 %.2f%% (multi-branch %.2f%%) on %d images", split["eval_split"],
+             metrics["top1"], meta.get("top1", float("nan")), len(test_labels))
     atomic_save(fused.state_dict(), stage.folder.model)
     atomic_write_json(stage.folder.model_info, info)
     atomic_write_json(stage.folder.metrics, metrics)

@@ -17,7 +17,7 @@ from models.reparam import build_multibranch_student
 from pipeline.errors import BadInputError
 from pipeline.layout import RunLayout, StageFolder
 from pipeline.training.checkpoint import load_checkpoint, load_weights_into, read_json
-from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset
+from pipeline.training.data import BatchPreprocessor, DataBundle, load_dataset, stratified_subset, validation_split
 
 
 def read_sidecar(path: Path, keys: tuple[str, ...], missing_hint: str) -> dict[str, Any]:
@@ -125,12 +125,15 @@ def run_seed(layout: RunLayout) -> int:
 
 def held_out(meta: dict[str, Any], data_root: str | None, count: int, seed: int = 0, split: str = "test"
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` preprocessed images of the test split the student was evaluated on (``split="train"``: of the
-    training split, e.g. for INT8 calibration), stratified and seeded, and their labels.
+    """``count`` preprocessed images of the split the student was evaluated on (``split="train"``: of the images
+    it trained on, e.g. for INT8 calibration), stratified and seeded, and their labels.
 
-    ``meta`` needs ``dataset`` and ``image_size``."""
+    ``meta`` needs ``dataset`` and ``image_size``; its ``validation`` (a student's metrics.json has it) says the
+    student was evaluated on that many images held out of the training split, not on the test split."""
     bundle = load_dataset(meta["dataset"], data_root, False, meta["image_size"])
-    source = bundle.test if split == "test" else bundle.train
+    evaluated, trained = (validation_split(bundle.train, meta["validation"]) if meta.get("validation")
+                          else (bundle.test, bundle.train))
+    source = evaluated if split == "test" else trained
     chosen = stratified_subset(source, min(count, len(source)), seed, "eval_subset" if split == "test" else split)
     items = [chosen[i] for i in range(len(chosen))]
     images = torch.stack([item[0] for item in items])

@@ -70,6 +70,7 @@ def collect(layout: RunLayout) -> dict[str, Any]:
         "dataset": student.get("dataset") or teacher.get("dataset"),
         "image_size": student.get("image_size"),
         "test_images": student.get("test_images"),
+        "eval_split": student.get("eval_split") or "test",  # "validation" under --validation (tuning runs)
         "train_images": student.get("train_images"),
         "accuracy": [a for a in accuracy if a["top1"] is not None],
         "precision": {role: metrics.get("precision") for role, metrics in
@@ -133,6 +134,7 @@ def deployables(manifest: dict[str, Any], int8: dict[str, Any] | None, fused_top
 # --------------------------------------------------------------------------- plots
 
 def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
+    split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,7 @@ def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.6))
         for name, rows in curves.items():
             epochs = [r["epoch"] for r in rows]
-            (line,) = ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", label=f"{name} test")
+            (line,) = ax_acc.plot(epochs, [r["test_top1"] for r in rows], marker="o", label=f"{name} {split}")
             ax_acc.plot(epochs, [r["train_top1"] for r in rows], linestyle="--", marker=".", alpha=0.6,
                         color=line.get_color(), label=f"{name} train")
             ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", color=line.get_color(), label=name)
@@ -166,7 +168,7 @@ def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
         bars = ax.barh(names, values, color=["#4c72b0", "#999999", "#dd8452", "#55a868"][:len(values)])
         ax.bar_label(bars, labels=[f"{v:.2f}%" for v in values], padding=3, fontsize=8)
         low = max(0.0, min(values) - 10)
-        ax.set(xlim=(low, min(100.0, max(values) + 5)), xlabel="test top-1 (%)", title="accuracy")
+        ax.set(xlim=(low, min(100.0, max(values) + 5)), xlabel=f"{split} top-1 (%)", title="accuracy")
         ax.invert_yaxis()
         made["accuracy"] = _save(fig, folder / "accuracy.png")
 
@@ -219,14 +221,15 @@ SEED_NOISE = ("in our benchmark the same comparison varies by 0.2-0.5 points fro
 
 
 def _summary(report: dict[str, Any]) -> list[str]:
+    split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     acc = {a["role"]: a["top1"] for a in report["accuracy"]}
     run = report["run"]
     text = [f"**{run.get('student', '?')}** distilled from **{run.get('teacher', '?')}** with "
             f"**{report['student'].get('method', '?')}** on **{report.get('dataset', '?')}** "
-            f"({report.get('train_images', '?')} training images, {report.get('test_images', '?')} test images, "
+            f"({report.get('train_images', '?')} training images, {report.get('test_images', '?')} {split} images, "
             f"{report.get('image_size', '?')}x{report.get('image_size', '?')} px)."]
     if "fused" in acc:
-        line = f"The fused student ships at **{acc['fused']:.2f}%** test top-1"
+        line = f"The fused student ships at **{acc['fused']:.2f}%** {split} top-1"
         if "teacher" in acc:
             line += f" (teacher {acc['teacher']:.2f}%"
             line += f", student trained alone with the same budget {acc['baseline']:.2f}%)" if "baseline" in acc \
@@ -255,12 +258,13 @@ def _summary(report: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
+    split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     run = report["run"]
     md = [f"# Run report: {run.get('teacher', '?')} -> {run.get('student', '?')} on {report.get('dataset', '?')}", ""]
     md += _summary(report)
 
     md += ["## Accuracy", ""]
-    md += _table(["model", "test top-1"], [(a["model"], _fmt(a["top1"], ".2f", "%")) for a in report["accuracy"]])
+    md += _table(["model", f"{split} top-1"], [(a["model"], _fmt(a["top1"], ".2f", "%")) for a in report["accuracy"]])
     if "accuracy" in plots:
         md += [f"![accuracy]({plots['accuracy']})", ""]
     if "training_curves" in plots:
@@ -320,10 +324,10 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         md += ["## Models to ship", "",
                f"**Ship `export/{deploy['ship']['file']}`**: {deploy['ship']['why']}."
                + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
-                  f"{settings['min_agreement']:g}% on {gate.get('test_images')} test images; calibrated on "
+                  f"{settings['min_agreement']:g}% on {gate.get('test_images')} {split} images; calibrated on "
                   f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
                ""]
-        md += _table(["file", "format", "precision", "size (MB)", "test top-1", "agreement with fp32",
+        md += _table(["file", "format", "precision", "size (MB)", f"{split} top-1", "agreement with fp32",
                       "batch-1 CPU p50 (ms)"],
                      [(f"`{r['file']}`", r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
                        _fmt(r["agreement"], ".2f", "%"), _fmt(r["p50_ms_batch1"], ".3f")) for r in deploy["rows"]])
