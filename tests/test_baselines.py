@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.methods import create_method
+from pipeline.methods.base import method_settings
 from pipeline.methods.feature import hcl_loss, negative_mean, ofd_partial_l2, pkt_loss, rkd_loss, sp_loss, vid_nll
 
 
@@ -182,3 +183,22 @@ def test_each_baseline_trains_the_student_through_the_method_interface(name):
     out[name].backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in branches)
     assert all(p.grad is not None for p in method.parameters())  # no unused parameter (DDP would refuse it)
+
+
+@pytest.mark.parametrize("name", ["fitnet", "at", "pkt", "sp", "rkd", "vid", "ofd", "reviewkd"])
+def test_every_feature_baseline_takes_its_weight_beta_and_scales_its_loss_by_it(name):
+    """Regression: RKD's own options hid the beta of its parent, so `--method-option beta=3` was refused ("has no
+    option(s) beta") and the protocol could not tune it; a run also recorded RKD's settings without beta."""
+    assert "beta" in method_settings(name, {})
+    pair = [("final", "stage4", (6, 2, 2), (5, 2, 2))]
+    losses = []
+    for beta in (1.0, 3.0):
+        torch.manual_seed(8)
+        method = create_method(name, {"beta": beta})
+        method.setup(2, pair, {"stage4": None})
+        torch.manual_seed(9)
+        branches = [torch.randn(8, 6, 2, 2) for _ in range(2)]
+        out = method.losses(student_logits=torch.randn(8, 3), labels=torch.zeros(8, dtype=torch.long),
+                            branches={"final": branches}, teacher_feats={"stage4": torch.randn(8, 5, 2, 2)})
+        losses.append(out[name].item())
+    assert losses[1] == pytest.approx(3 * losses[0], rel=1e-5)

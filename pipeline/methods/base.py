@@ -43,14 +43,33 @@ def get_method(name: str) -> type["KDMethod"]:
     return _METHODS[name]
 
 
+def option_defaults(cls: type["KDMethod"]) -> dict[str, Any]:
+    """Every option of a method class with its default (``inspect.Parameter.empty`` where it has none): its own
+    ``__init__``'s and those its ``**options`` pass on to its parents' (RKD's ``beta`` is its parent's), the
+    subclass's default winning. ``label_smoothing`` is the training recipe's, not an option."""
+    found: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if klass is KDMethod or not issubclass(klass, KDMethod):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[1:]  # without self
+        for p in parameters:
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "label_smoothing":
+                found.setdefault(p.name, p.default)
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break  # this __init__ passes nothing on
+    return found
+
+
 def create_method(name: str, options: dict[str, Any], label_smoothing: float = 0.0) -> "KDMethod":
     """The method ``name`` with its options; a ValueError names an unknown or invalid option."""
     cls = get_method(name)
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "options")]
+    valid = option_defaults(cls)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"method '{cls.name}' has no option(s) {', '.join(unknown)}; "
-                         f"valid: {', '.join(sorted(set(valid) - {'label_smoothing'})) or 'none'}")
+                         f"valid: {', '.join(sorted(valid)) or 'none'}")
     try:
         return cls(label_smoothing=label_smoothing, **options)
     except (ValueError, TypeError) as exc:
@@ -60,9 +79,8 @@ def create_method(name: str, options: dict[str, Any], label_smoothing: float = 0
 def method_settings(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Every option of method ``name`` with its value: the given ones over the defaults. What a run records and
     fingerprints, so that a change of a default retrains instead of reusing a student trained with the old one."""
-    cls = get_method(name)
-    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
-                if p.default is not inspect.Parameter.empty and p.name != "label_smoothing"}
+    defaults = {key: value for key, value in option_defaults(get_method(name)).items()
+                if value is not inspect.Parameter.empty}
     return {**defaults, **options}
 
 
