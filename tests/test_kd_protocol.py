@@ -98,6 +98,36 @@ def test_an_ablation_row_shows_its_effect_on_the_gain_over_the_student_alone_of_
     assert "gain vs KDiffusion's" not in plain[0]  # no ablation rows, no column
 
 
+EVIDENCE = ROOT / "benchmarks" / "results" / "2026-12-06-kd-methods.md"  # every method under the protocol
+
+
+def chosen_in(results: str) -> dict[str, dict[str, str]]:
+    """The method options of each row marked chosen in a results file's tuning table (label -> key -> value)."""
+    chosen = {}
+    for line in results.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 4 and cells[3] == "yes":
+            chosen[cells[0]] = dict(part.split("=", 1) for part in cells[1].split() if "=" in part)
+    return chosen
+
+
+def test_each_methods_defaults_are_the_setting_the_protocol_chose(protocol):
+    """The default follows the evidence: `--method X` and `pipeline run --baselines X` (run with default options)
+    train with the setting the committed tuning chose, the one whose test rows were measured; rerunning the
+    protocol with another outcome fails here until the defaults follow."""
+    from pipeline.methods.base import method_settings
+
+    chosen = chosen_in(EVIDENCE.read_text())
+    methods = {label: method for method, label in protocol.LABELS.items()}
+    assert set(chosen) == set(methods)  # every method is in the file
+    for label, options in chosen.items():
+        defaults = method_settings(methods[label], {})
+        for key, value in options.items():
+            default = defaults[key]
+            same = float(default) == float(value) if isinstance(default, (int, float)) else str(default) == value
+            assert same, f"{label}: default {key}={default}, the protocol chose {value}"
+
+
 @pytest.mark.slow
 def test_the_whole_protocol_runs_at_tiny_size(tiny_run, fashion_root, tmp_path):
     """The script end to end on the CPU (its --device cuda --scale paper form runs the same code on a GPU):

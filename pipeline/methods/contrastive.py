@@ -75,7 +75,7 @@ class CRD(PairedFeatureMethod):
 
     needs_projector = False
 
-    def __init__(self, beta: float = 0.8, feat_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,
+    def __init__(self, beta: float = 0.2, feat_dim: int = 128, negatives: int = 16384, temperature: float = 0.07,
                  momentum: float = 0.5, **options: Any):
         super().__init__(**options)
         check(beta >= 0, f"beta must be >= 0 (got {beta})")

@@ -94,7 +94,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 class AttentionTransfer(PairedFeatureMethod):
     """CE + beta / 2 * sum over points of mean((a_s - a_t)^2), attention maps at the smaller spatial size."""
 
-    def __init__(self, beta: float = 1000.0, p: float = 2.0, **options: Any):
+    def __init__(self, beta: float = 100.0, p: float = 2.0, **options: Any):
         super().__init__(**options)
         check(beta >= 0, f"beta must be >= 0 (got {beta})")
         check(p > 0, f"p must be > 0 (got {p})")
@@ -189,20 +189,27 @@ def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: floa
 
 @register_method("pkt")
 class PKT(RelationalMethod):
+    def __init__(self, beta: float = 1000.0, **options: Any):  # its loss is ~1e-3 of the cross-entropy
+        super().__init__(beta=beta, **options)
+
     def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return pkt_loss(student, teacher)
 
 
 @register_method("sp")
 class SimilarityPreserving(RelationalMethod):
+    def __init__(self, beta: float = 30.0, **options: Any):
+        super().__init__(beta=beta, **options)
+
     def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return sp_loss(student, teacher)  # batch x batch Gram matrices: the map sizes need not agree
 
 
 @register_method("rkd")
 class RelationalKD(RelationalMethod):
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, **options: Any):
-        super().__init__(**options)
+    def __init__(self, beta: float = 0.1, distance_weight: float = 25.0, angle_weight: float = 50.0,
+                 **options: Any):
+        super().__init__(beta=beta, **options)
         check(distance_weight >= 0 and angle_weight >= 0, "distance_weight and angle_weight must be >= 0")
         self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
 
@@ -236,7 +243,7 @@ class VID(PairedFeatureMethod):
 
     needs_projector = False
 
-    def __init__(self, beta: float = 1.0, init_variance: float = 5.0, **options: Any):
+    def __init__(self, beta: float = 3.0, init_variance: float = 5.0, **options: Any):
         super().__init__(**options)
         check(beta >= 0, f"beta must be >= 0 (got {beta})")
         check(init_variance > 0, f"init_variance must be > 0 (got {init_variance})")
@@ -363,7 +370,7 @@ class ReviewKD(PairedFeatureMethod):
 
     needs_projector = False
 
-    def __init__(self, beta: float = 1.0, mid_channels: int = 128, **options: Any):
+    def __init__(self, beta: float = 0.3, mid_channels: int = 128, **options: Any):
         super().__init__(**options)
         check(beta >= 0, f"beta must be >= 0 (got {beta})")
         check(int(mid_channels) >= 1, f"mid_channels must be >= 1 (got {mid_channels})")

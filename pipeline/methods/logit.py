@@ -20,7 +20,7 @@ def kd_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
 class HintonKD(KDMethod):
     """(1 - alpha) * CE + alpha * T^2 * KL on softened logits."""
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9, **options: Any):
+    def __init__(self, temperature: float = 2.0, alpha: float = 0.9, **options: Any):
         super().__init__(**options)
         check(temperature > 0, f"temperature must be > 0 (got {temperature})")
         check(0 <= alpha <= 1, f"alpha must be in [0, 1] (got {alpha})")
@@ -50,7 +50,7 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels
 class DecoupledKD(KDMethod):
     """CE + warm-up * (alpha * TCKD + beta * NCKD); the KD weight ramps up linearly over ``warmup`` epochs."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 1.0,
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, temperature: float = 4.0, warmup: float = 1.0,
                  **options: Any):
         super().__init__(**options)
         check(temperature > 0, f"temperature must be > 0 (got {temperature})")
