@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import TINY, clone_run, run_cli, shared_dir, tree_digest
+from tests.conftest import ROOT, TINY, clone_run, run_cli, shared_dir, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +56,15 @@ def test_a_tuning_run_is_measured_on_its_validation_images_at_every_stage(stripe
     from pipeline.training.data import load_dataset, stratified_subset, validation_split
 
     run_dir = tmp_path / "run"
+    # in subprocesses (cwd): in-process, after many other commands in one xdist worker, this pair once ended the
+    # worker with a C stack overflow ("overflowed sigaltstack"); alone it passes either way
     result = run_cli("distill", "--student", "shufflenetv2_x0_5", "--method", "none", "--data-root",
-                     str(stripes_root), "--epochs", "1", "--validation", "120", "--run-dir", str(run_dir), *TINY)
+                     str(stripes_root), "--epochs", "1", "--validation", "120", "--run-dir", str(run_dir), *TINY,
+                     cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "student: validation top-1" in result.stderr
-    result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32")
+    result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32",
+                     cwd=ROOT)
     assert result.returncode == 0, result.stderr
     student = json.loads((run_dir / "student" / "metrics.json").read_text())
     fused = json.loads((run_dir / "fused" / "metrics.json").read_text())
