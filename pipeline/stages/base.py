@@ -174,15 +174,15 @@ def train_stage(stage: Stage, cfg: PipelineConfig, ctx: DistContext, *, bundle: 
     metrics.json(l) and stage.json."""
     resume = read_resume_state(stage.dir, settings_hash)
     set_deterministic(cfg.deterministic)
+    split = evaluated_on(cfg.data.validation)
     log.info("%s: %s on %s (%d train / %d %s images, %dx%d, %s)", stage.name, arch["name"], bundle.name,
-             len(train), len(test), evaluated_on(cfg.data.validation)["eval_split"], image_size, image_size,
-             bundle.source)
+             len(train), len(test), split["eval_split"], image_size, image_size, bundle.source)
     prep = BatchPreprocessor(image_size, bundle.mean, bundle.std, seed=cfg.seed, augment=cfg.data.augment)
     result = fit(task, train, test, prep, train_cfg, stage.dir, ctx, seed=cfg.seed, settings_hash=settings_hash,
                  num_workers=cfg.data.num_workers, progress=progress, resume_state=resume, label=stage.name)
     summary = {**result.as_dict(), "dataset": bundle.name, "classes": bundle.classes, "mean": list(bundle.mean),
                "std": list(bundle.std), "image_size": image_size, "arch": arch, "train_images": len(train),
-               "test_images": len(test), "world_size": ctx.world_size, **evaluated_on(cfg.data.validation)}
+               "test_images": len(test), "world_size": ctx.world_size, **split}
     if ctx.is_main:
         atomic_save(task.model.state_dict(), stage.folder.model)
         atomic_write_json(stage.folder.metrics, summary)
