@@ -11,7 +11,8 @@
 Both calibrate on images the caller draws from the *training* split (never the
 test split) and carry the float model's metadata plus a ``quantization`` entry
 that says how they were made. :func:`judge_int8` is the gate: INT8 top-1 against
-the float export's on labelled test images, and top-1 agreement between the two.
+the float export's on labelled test images, and top-1 agreement between the two,
+each judged with its exact 95% interval (:mod:`exporters.gate_stats`).
 Needs numpy and the runtimes, never torch.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 
 from exporters import metadata as md
 from exporters.errors import ExportError
+from exporters.gate_stats import CONFIDENCE, PairedCounts
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ class Int8Settings:
     preset: str = "mixed"  # NNCF's preset; ONNX Runtime: mixed = asymmetric uint8 activations, performance = int8
     max_drop: float = 1.0  # top-1 points the INT8 model may lose against the float export
     min_agreement: float = 97.0  # percent of test images on which INT8 and float give the same class
+    # Both limits are judged with this confidence (exporters/gate_stats.py): a model fails where the interval of
+    # its drop lies wholly above max_drop, or that of its agreement wholly below min_agreement.
+    confidence: float = CONFIDENCE
     # How the quantizers are driven (the defaults are what benchmarks/quantization.py measured best; the other
     # values are there to compare against):
     per_channel: bool = True  # one weight scale per output channel (False: one per tensor)
@@ -55,9 +60,19 @@ class Int8Settings:
         if self.activation_ranges not in ACTIVATION_RANGES:
             raise ValueError(f"unknown activation ranges '{self.activation_ranges}'; valid: "
                              f"{', '.join(ACTIVATION_RANGES)}")
+        if not 0.5 <= self.confidence < 1.0:
+            raise ValueError(f"INT8 gate confidence {self.confidence} must be in [0.5, 1)")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def rule(self) -> str:
+        """The gate's decision rule in words (int8.json and the report carry it)."""
+        level = f"{100 * self.confidence:g}%"
+        return (f"an INT8 model fails where the {level} interval of its top-1 drop lies wholly above "
+                f"{self.max_drop:g} points (exact McNemar inversion on the images where exactly one of INT8 and float "
+                f"is right), or the {level} interval of its top-1 agreement with float wholly below "
+                f"{self.min_agreement:g}% (Clopper-Pearson)")
 
 
 def quantization_meta(settings: Int8Settings, tool: str, calibration: np.ndarray, seed: int) -> dict[str, Any]:
@@ -161,32 +176,69 @@ def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, setti
 
 @dataclass
 class Int8Result:
-    """One INT8 artifact judged against the float export on the same labelled images."""
+    """One INT8 artifact judged against the float export on the same labelled images.
+
+    It fails only where a 95% interval (:mod:`exporters.gate_stats`) lies wholly beyond its limit: a top-1 drop
+    whose interval is above ``max_drop``, or an agreement whose interval is below ``min_agreement``. A point
+    estimate past a limit whose interval still reaches back inside it passes as ``within noise``: too few
+    images to tell (the report says so and how many images would)."""
 
     file: str
     float_file: str
-    images: int
+    counts: PairedCounts
     float_top1: float
     int8_top1: float
-    agreement: float  # percent of images with the same top-1 class
     max_drop: float
     min_agreement: float
-    passed: bool = field(init=False)
+    confidence: float = CONFIDENCE
 
-    def __post_init__(self) -> None:
-        self.passed = self.drop <= self.max_drop and self.agreement >= self.min_agreement
+    @property
+    def images(self) -> int:
+        return self.counts.images
 
     @property
     def drop(self) -> float:
         return self.float_top1 - self.int8_top1
 
+    @property
+    def agreement(self) -> float:
+        """Percent of images with the same top-1 class."""
+        return 100.0 * self.counts.agree / max(self.counts.images, 1)
+
+    @property
+    def drop_interval(self) -> tuple[float, float]:
+        return self.counts.drop_interval(self.confidence)
+
+    @property
+    def agreement_interval(self) -> tuple[float, float]:
+        return self.counts.agreement_interval(self.confidence)
+
+    @property
+    def passed(self) -> bool:
+        return self.drop_interval[0] <= self.max_drop and self.agreement_interval[1] >= self.min_agreement
+
+    @property
+    def evidence(self) -> str:
+        """``clear`` where the point estimates and the intervals give the same verdict, else ``within noise``."""
+        points_pass = self.drop <= self.max_drop and self.agreement >= self.min_agreement
+        intervals_pass = self.drop_interval[1] <= self.max_drop and self.agreement_interval[0] >= self.min_agreement
+        return "clear" if points_pass == self.passed and intervals_pass == self.passed else "within noise"
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "drop": self.drop, "passed": self.passed}
+        return {"file": self.file, "float_file": self.float_file, "images": self.images,
+                "float_top1": self.float_top1, "int8_top1": self.int8_top1, "drop": self.drop,
+                "agreement": self.agreement, "max_drop": self.max_drop, "min_agreement": self.min_agreement,
+                "lost": self.counts.lost, "gained": self.counts.gained, "confidence": self.confidence,
+                "drop_interval": list(self.drop_interval), "agreement_interval": list(self.agreement_interval),
+                "mcnemar_p": self.counts.mcnemar_p(), "evidence": self.evidence, "passed": self.passed}
 
     def describe(self) -> str:
+        (d_low, d_high), (a_low, a_high) = self.drop_interval, self.agreement_interval
+        level = f"{100 * self.confidence:g}%"
         return (f"{self.file}: top-1 {self.int8_top1:.2f}% vs {self.float_top1:.2f}% for {self.float_file} (drop "
-                f"{self.drop:+.2f} points, max {self.max_drop:g}), agreement {self.agreement:.2f}% (min "
-                f"{self.min_agreement:g}%) on {self.images} test images")
+                f"{self.drop:+.2f} points, {level} interval [{d_low:+.2f}, {d_high:+.2f}], max {self.max_drop:g}), "
+                f"agreement {self.agreement:.2f}% ({level} interval [{a_low:.2f}, {a_high:.2f}], min "
+                f"{self.min_agreement:g}%) on {self.images} test images; evidence {self.evidence}")
 
 
 def predictions(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 100) -> np.ndarray:
@@ -195,6 +247,8 @@ def predictions(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, bat
 
 def judge_int8(file: str, float_file: str, int8_classes: np.ndarray, float_classes: np.ndarray,
                labels: np.ndarray, settings: Int8Settings) -> Int8Result:
-    return Int8Result(file, float_file, int(len(labels)), 100.0 * float(np.mean(float_classes == labels)),
-                      100.0 * float(np.mean(int8_classes == labels)),
-                      100.0 * float(np.mean(int8_classes == float_classes)), settings.max_drop, settings.min_agreement)
+    float_right, int8_right = float_classes == labels, int8_classes == labels
+    counts = PairedCounts(images=int(len(labels)), agree=int(np.sum(int8_classes == float_classes)),
+                          lost=int(np.sum(float_right & ~int8_right)), gained=int(np.sum(~float_right & int8_right)))
+    return Int8Result(file, float_file, counts, 100.0 * float(np.mean(float_right)), 100.0 * float(np.mean(int8_right)),
+                      settings.max_drop, settings.min_agreement, settings.confidence)

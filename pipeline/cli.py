@@ -259,7 +259,8 @@ RUN_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--calibration-images", "export.calibration_images", dict(type=int, help="INT8 calibration images (default 300)")),
     ("--int8-preset", "export.int8_preset", dict(type=click.Choice(["mixed", "performance"]))),
 ]
-INT8_FIELDS = ("int8", "calibration_images", "int8_preset", "int8_max_drop", "int8_min_agreement", "int8_eval_images")
+INT8_FIELDS = ("int8", "calibration_images", "int8_preset", "int8_max_drop", "int8_min_agreement", "int8_confidence",
+               "int8_eval_images")
 RUN_GROUPS = (("", DATA_OPTIONS), ("", RUN_OPTIONS), ("teacher", TEACHER_OPTIONS), ("student", STUDENT_OPTIONS))
 STUDENT_GROUPS = (("", DATA_OPTIONS), ("student", TRAIN_OPTIONS), ("student", STUDENT_OPTIONS))
 
@@ -408,6 +409,8 @@ def fuse(run_dir: str, data_root: str | None, **params: Any) -> None:
               + _default(ExportConfig, "int8_max_drop"))
 @click.option("--int8-min-agreement", type=float, help="percent top-1 agreement with the float model "
               + _default(ExportConfig, "int8_min_agreement"))
+@click.option("--int8-confidence", type=float, help="the gate fails a model only where this interval of its drop "
+              "or agreement lies wholly beyond the limit " + _default(ExportConfig, "int8_confidence"))
 @click.option("--int8-eval-images", type=int, help="test images of the INT8 gate (default: the student's)")
 @click.option("--verify", is_flag=True, help="only re-run the gates on the existing artifacts (exit 3 if they fail)")
 @handle_errors

@@ -9,7 +9,7 @@ from typing import Any
 
 # The instruction-set extensions that decide which kernels the runtimes pick (bf16/int8 paths especially).
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-             "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "sve")
+             "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "asimddp", "i8mm", "sve")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -37,6 +37,13 @@ def native_bf16(flags: set[str] | None = None) -> bool:
     Without it oneDNN emulates bf16 through conversions, which is rarely faster than fp32.
     """
     return bool(set(BF16_ISA) & (_cpuinfo()[1] if flags is None else flags))
+
+
+def cpu_identity() -> dict[str, Any]:
+    """The CPU a check ran on: model, architecture and the ISA flags that pick the runtimes' kernels (INT8 answers
+    differ between VNNI, AMX, plain AVX2 and ARM's NEON/dot-product paths). Torch-free."""
+    model, flags = _cpuinfo()
+    return {"cpu": model, "arch": platform.machine(), "isa": sorted(f for f in ISA_FLAGS if f in flags)}
 
 
 def usable_cores() -> int:
@@ -70,12 +77,13 @@ def machine_info() -> dict[str, Any]:
     import openvino
     import torch
 
-    model, flags = _cpuinfo()
+    cpu = cpu_identity()
     return {
-        "cpu": model,
+        "cpu": cpu["cpu"],
+        "arch": cpu["arch"],
         "logical_cores": os.cpu_count(),
         "usable_cores": usable_cores(),
-        "isa": sorted(f for f in ISA_FLAGS if f in flags),
+        "isa": cpu["isa"],
         "platform": platform.platform(),
         "python": platform.python_version(),
         "gpu": gpu_info(),

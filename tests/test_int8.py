@@ -36,17 +36,18 @@ INT8_FILES = ("model_int8.onnx", "openvino/model_int8.xml", "openvino/model_int8
 
 @pytest.fixture(scope="module")
 def learned_run(tmp_path_factory, stripes_root) -> Path:
-    """A finished tiny run whose student learned the stripes (~90% test top-1), bench timing torch only.
+    """A finished tiny run whose student learned the stripes, bench timing torch only, judged by the default gate.
 
-    A toy student near its class boundaries: its INT8 files agree with fp32 on 96.5-98% of the 200 test images
-    depending on the thread count it trained with (top-1 within a point, or better), so its gate asks for 95%; the
-    97% default is the subject of test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shippable."""
+    Twelve epochs take the student to ~100% test top-1, far from its class boundaries, so its INT8 files give
+    the fp32 answers whatever the CPU's INT8 kernels (VNNI, AMX, AVX2) and thread count: the six epochs it once
+    had left it at ~82% with agreement 97-99% that moved with the machine (issue 23). A wrong calibration still
+    breaks it plainly (test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shippable)."""
     with shared_dir(tmp_path_factory, "int8-run") as folder:
         run_dir = folder / "run"
         result = run_cli("run", "--profile", "tiny", "--data-root", str(stripes_root), "--run-dir", str(run_dir),
                          "--no-progress", "--no-baseline", "--method", "none", "--teacher-epochs", "1",
-                         "--student-epochs", "6", "--subset", "640", "--eval-subset", "200", "--calibration-images",
-                         "300", *bench_torch_only(folder, "export: {int8_min_agreement: 95.0}\n"))
+                         "--student-epochs", "12", "--subset", "640", "--eval-subset", "200", "--calibration-images",
+                         "300", *bench_torch_only(folder))
         assert result.returncode == 0, result.stderr[-3000:]
         yield run_dir
 
@@ -56,16 +57,21 @@ def test_int8_artifacts_pass_their_gate_and_ship_like_the_float_ones(learned_run
     gate = json.loads((export / "int8.json").read_text())
     assert gate["passed"] and gate["calibration"] == {"images": 300, "split": "train", "seed": 0}
     fused_top1 = json.loads((learned_run / "fused" / "metrics.json").read_text())["top1"]
-    assert fused_top1 >= 60, "the student must have learned something for this test to mean anything"
+    assert fused_top1 >= 95, "a student far from its class boundaries, or INT8's verdict depends on the CPU"
     assert {r["file"] for r in gate["results"]} == {"model_int8.onnx", "openvino/model_int8.xml"}
     for r in gate["results"]:
         assert r["float_top1"] == pytest.approx(fused_top1)  # the float file is the fused student's function
-        assert r["drop"] <= 1.0 and r["agreement"] >= 95.0 and r["images"] == 200  # the whole stripes test split
+        assert r["passed"] and r["images"] == 200  # the whole stripes test split
+        # judged by the interval rule, which the file states (a drop of a few images on 200 is within the noise)
+        assert r["drop_interval"][0] <= r["drop"] <= r["drop_interval"][1] and r["confidence"] == 0.95
+        assert r["agreement_interval"][0] <= r["agreement"] <= r["agreement_interval"][1]
+    assert "McNemar" in gate["rule"] and gate["checked_on"]["isa"] and gate["checked_on"]["arch"]
 
     manifest = json.loads((export / "manifest.json").read_text())
     listed = {a["path"]: a for a in manifest["artifacts"]}
     for name in FLOAT_FILES + INT8_FILES:
         assert listed[name]["sha256"] == file_sha256(export / name), name
+    assert manifest["int8_checked_on"] == gate["checked_on"]  # the CPU whose INT8 kernels gave the verdict
     assert listed["model_int8.onnx"]["bytes"] < 0.4 * listed["model.onnx"]["bytes"]
     assert listed["openvino/model_int8.bin"]["bytes"] < 0.4 * listed["openvino/model.bin"]["bytes"]
 
@@ -98,7 +104,10 @@ def test_int8_artifacts_pass_their_gate_and_ship_like_the_float_ones(learned_run
     assert report["ship"]["file"] == "model_int8.onnx"
     rows = {r["file"]: r for r in report["rows"]}
     assert rows["model_int8.onnx"]["precision"] == "int8" and rows["model_int8.onnx"]["top1"] is not None
-    assert "**Ship `export/model_int8.onnx`**" in (learned_run / "report.md").read_text()
+    markdown = (learned_run / "report.md").read_text()
+    assert "**Ship `export/model_int8.onnx`**" in markdown
+    assert "- `model_int8.onnx`: drop +0.00 points (95% interval [" in markdown and "McNemar" in markdown
+    assert f"Checked on {gate['checked_on']['cpu']} ({gate['checked_on']['arch']}; ISA " in markdown
 
 
 def test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shippable(learned_run, stripes_root,
@@ -140,25 +149,84 @@ def test_no_int8_writes_no_int8_files(learned_run, tmp_path):
     assert {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]} == set(FLOAT_FILES)
 
 
-def test_the_gate_judges_drop_and_agreement():
-    settings = Int8Settings(max_drop=1.0, min_agreement=97.0)
-    labels = np.arange(200) % 10
+def _answers(labels: np.ndarray, lost: int, gained: int, other: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Float and INT8 classes on ``labels``: float right on 90% of them; INT8 loses ``lost`` of the right ones,
+    gains ``gained`` of the wrong ones and changes ``other`` wrong answers to other wrong ones."""
+    n = len(labels)
     float_classes = labels.copy()
-    float_classes[:20] = (labels[:20] + 1) % 10  # float: 90% top-1
-    same = judge_int8("q", "f", float_classes, float_classes, labels, settings)
-    assert same.passed and same.drop == 0 and same.agreement == 100
-    flipped = float_classes.copy()
-    flipped[20:28] = (labels[20:28] + 1) % 10  # 8 of 200 answers change, all to wrong ones: -4 points, 96% agree
-    worse = judge_int8("q", "f", flipped, float_classes, labels, settings)
-    assert not worse.passed and worse.drop == pytest.approx(4.0) and worse.agreement == pytest.approx(96.0)
-    fixed = float_classes.copy()
-    fixed[:2] = labels[:2]  # two answers change, both to right ones: better top-1, 99% agreement
-    better = judge_int8("q", "f", fixed, float_classes, labels, settings)
-    assert better.passed and better.drop == pytest.approx(-1.0) and better.agreement == pytest.approx(99.0)
-    strict = judge_int8("q", "f", fixed, float_classes, labels, Int8Settings(min_agreement=99.5))
-    assert not strict.passed
+    wrong = np.arange(n) < n // 10
+    float_classes[wrong] = (labels[wrong] + 1) % 10
+    int8_classes = float_classes.copy()
+    right_ids, wrong_ids = np.flatnonzero(~wrong), np.flatnonzero(wrong)
+    int8_classes[right_ids[:lost]] = (labels[right_ids[:lost]] + 1) % 10
+    int8_classes[wrong_ids[:gained]] = labels[wrong_ids[:gained]]
+    int8_classes[wrong_ids[gained:gained + other]] = (labels[wrong_ids[gained:gained + other]] + 2) % 10
+    return int8_classes, float_classes
+
+
+def test_the_gate_fails_only_on_clear_evidence_of_a_breach():
+    """The stated rule: fail where the 95% interval of the drop lies wholly above max_drop, or that of the
+    agreement wholly below min_agreement; the same rates that are noise on 200 images are clear on 5000."""
+    settings = Int8Settings(max_drop=1.0, min_agreement=97.0)
+    small, large = np.arange(200) % 10, np.arange(5000) % 10
+
+    same = judge_int8("q", "f", *_answers(small, 0, 0), small, settings)
+    assert same.passed and same.drop == 0 and same.agreement == 100 and same.evidence == "clear"
+
+    # AMD's case from issue 23: -2 points (5 lost, 1 gained) and 97% agreement on 200 images: within the noise
+    noisy = judge_int8("q", "f", *_answers(small, 5, 1), small, settings)
+    assert noisy.drop == pytest.approx(2.0) and noisy.agreement == pytest.approx(97.0)
+    assert noisy.drop_interval[0] < 1.0 < noisy.drop_interval[1]
+    assert noisy.passed and noisy.evidence == "within noise"
+    # ... the same rates on 5000 images are a clear breach of the drop limit (today's behaviour where it is clear)
+    clear = judge_int8("q", "f", *_answers(large, 125, 25), large, settings)
+    assert clear.drop == pytest.approx(2.0) and clear.drop_interval[0] > 1.0
+    assert not clear.passed and clear.evidence == "clear"
+    # a 0.5-point drop on 5000 images passes, clearly
+    fine = judge_int8("q", "f", *_answers(large, 40, 15), large, settings)
+    assert fine.passed and fine.evidence == "clear" and fine.drop_interval[1] < 1.0
+
+    # 8 of 200 right answers lost: -4 points, too many on any reading
+    worse = judge_int8("q", "f", *_answers(small, 8, 0), small, settings)
+    assert not worse.passed and worse.drop == pytest.approx(4.0) and worse.drop_interval[0] > 1.0
+    # agreement: 12 changed answers of 200 (94%) is clearly under 97%; 5 (97.5%) is not
+    disagree = judge_int8("q", "f", *_answers(small, 0, 0, other=12), small, settings)
+    assert disagree.drop == 0 and disagree.agreement_interval[1] < 97.0 and not disagree.passed
+    assert judge_int8("q", "f", *_answers(small, 0, 0, other=5), small, settings).passed
+
+    # a better INT8 model passes; the record says how it was judged
+    better = judge_int8("q", "f", *_answers(small, 0, 2), small, settings)
+    assert better.passed and better.drop == pytest.approx(-1.0)
+    record = better.as_dict()
+    assert record["lost"] == 0 and record["gained"] == 2 and record["passed"]
+    # (99% agreement on 200 images may still be under 97%: a pass, but not a clear one)
+    assert record["evidence"] == "within noise" and record["agreement_interval"][0] < 97.0
+    assert "McNemar" in settings.rule() and "wholly above 1 points" in settings.rule()
+    assert "interval [" in better.describe()
+
+    # a stricter confidence widens the intervals: a clear breach at 95% can be noise at 99.9%
+    edge = judge_int8("q", "f", *_answers(small, 10, 0), small, settings)
+    relaxed = judge_int8("q", "f", *_answers(small, 10, 0), small, Int8Settings(confidence=0.999))
+    assert not edge.passed and relaxed.passed
     with pytest.raises(ValueError, match="valid: mixed, performance"):
         Int8Settings(preset="fast")
+    with pytest.raises(ValueError, match="confidence"):
+        Int8Settings(confidence=1.0)
+
+
+def test_the_intervals_are_the_exact_ones():
+    """Clopper-Pearson's closed forms at the edges and a table value; the exact McNemar p-value."""
+    from exporters.gate_stats import PairedCounts, clopper_pearson
+
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10)))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** (1 / 10)), 1.0)
+    assert clopper_pearson(5, 10) == (pytest.approx(0.1871, abs=1e-4), pytest.approx(0.8129, abs=1e-4))
+    counts = PairedCounts(images=200, agree=196, lost=4, gained=0)
+    assert counts.mcnemar_p() == pytest.approx(2 * 0.5 ** 4)
+    # all 4 discordant images lost: the drop's interval is 4 images times (2 p - 1) at p's exact bounds
+    low = 0.025 ** (1 / 4)
+    assert counts.drop_interval() == (pytest.approx(100 * (2 * low - 1) * 4 / 200), pytest.approx(2.0))
+    assert PairedCounts(images=200, agree=200, lost=0, gained=0).drop_interval() == (0.0, 0.0)
 
 
 @pytest.mark.parametrize("per_channel", [True, False])

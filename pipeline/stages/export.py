@@ -35,6 +35,7 @@ from exporters.verify import check_hashes, read_manifest
 from pipeline.config import ExportConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
+from pipeline.machine import cpu_identity
 from pipeline.stages.base import Stage, StageRun, StageSpec, evaluated_on
 from pipeline.stages.loaders import dataset_of, fused_info, held_out, load_fused, run_seed
 from pipeline.training.checkpoint import atomic_write_json, file_sha256, read_json, settings_digest
@@ -205,6 +206,7 @@ def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, setti
         if artifact["path"] in tags:
             artifact["quantization"] = tags[artifact["path"]]
     manifest["int8"] = [r.as_dict() for r in results]
+    manifest["int8_checked_on"] = cpu_identity()  # INT8 answers depend on the CPU's kernels (VNNI, AMX, NEON...)
     atomic_write_json(stage.folder.manifest, manifest)
     int8 = {r.file: {"top1": r.int8_top1, "drop": r.drop, "agreement": r.agreement} for r in results}
     return stage.mark_complete(settings_hash, files + list(STAGE.outputs) + int8_files + ["int8.json"],
@@ -243,6 +245,7 @@ def quantize_and_judge(layout: RunLayout, folder: StageFolder, formats: Sequence
     atomic_write_json(folder.int8_report, {
         "passed": all(r.passed for r in results), "settings": int8.as_dict(), "calibration": {
             "images": len(calibration), "split": "train", "seed": seed}, "test_images": len(labels), **split,
+        "rule": int8.rule(), "checked_on": cpu_identity(),
         "results": [r.as_dict() for r in results]})
     return results, tags
 
@@ -274,7 +277,8 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
 
 def export_settings(e: ExportConfig) -> ExportSettings:
     """The export stage's settings from the config's ``export`` section."""
-    int8 = Int8Settings(e.calibration_images, e.int8_preset, e.int8_max_drop, e.int8_min_agreement) if e.int8 else None
+    int8 = (Int8Settings(e.calibration_images, e.int8_preset, e.int8_max_drop, e.int8_min_agreement,
+                         confidence=e.int8_confidence) if e.int8 else None)
     return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
                           Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement), int8,
                           e.int8_eval_images)

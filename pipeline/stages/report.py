@@ -257,6 +257,31 @@ def _summary(report: dict[str, Any]) -> list[str]:
     return [" ".join(text), ""]
 
 
+def _int8_gate_lines(gate: dict[str, Any]) -> list[str]:
+    """Each INT8 file's drop and agreement with their intervals, the rule they were judged by and the CPU that ran
+    the check (INT8 kernels differ between CPUs: VNNI, AMX, AVX2, NEON)."""
+    if not gate.get("results"):
+        return []
+    lines = []
+    for r in gate["results"]:
+        if "drop_interval" not in r:  # int8.json of a run made before the gate had intervals
+            continue
+        (d_low, d_high), (a_low, a_high) = r["drop_interval"], r["agreement_interval"]
+        level = f"{100 * r['confidence']:g}%"
+        noise = (f"; within the noise: {r['images']} images cannot settle it, judge on more with "
+                 "`--int8-eval-images`" if r["evidence"] != "clear" else "")
+        lines.append(f"- `{r['file']}`: drop {r['drop']:+.2f} points ({level} interval [{d_low:+.2f}, {d_high:+.2f}]), "
+                     f"agreement {r['agreement']:.2f}% ({level} interval [{a_low:.2f}, {a_high:.2f}]) on "
+                     f"{r['images']} images: {'pass' if r['passed'] else 'FAIL'}{noise}")
+    cpu = gate.get("checked_on")
+    if lines and gate.get("rule"):
+        lines.append(f"- Rule: {gate['rule']}.")
+    if lines and cpu:
+        lines.append(f"- Checked on {cpu['cpu']} ({cpu['arch']}; ISA {', '.join(cpu['isa']) or '-'}): INT8 kernels "
+                     "differ between CPUs (VNNI, AMX, AVX2, NEON), so another CPU may answer a few images otherwise.")
+    return lines + [""] if lines else []
+
+
 def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     run = report["run"]
@@ -326,7 +351,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
                   f"{settings['min_agreement']:g}% on {gate.get('test_images')} {split} images; calibrated on "
                   f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
-               ""]
+               ""] + _int8_gate_lines(gate)
         md += _table(["file", "format", "precision", "size (MB)", f"{split} top-1", "agreement with fp32",
                       "batch-1 CPU p50 (ms)"],
                      [(f"`{r['file']}`", r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
