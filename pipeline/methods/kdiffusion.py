@@ -5,10 +5,12 @@ Per distillation point the student layer has ``m`` parallel linear branches
 are the student features of a ``m``-step diffusion reverse process that ends
 at the teacher feature ``t``. Two forms of the chain (option ``chain``):
 
-- ``poster`` (the paper's, eqs. 3-7 and 10): the chain starts from the
-  averaged student features (eq. 10 reads them as the noisy end ``x_n``);
+- ``poster`` (the paper's, eqs. 3-7 and 10): the chain starts where the
+  reverse process does, at the teacher's forward-noised state at ``tau_0 = N``
+  (eq. 5: ``a_N t + b_N sigma_S eps``, nearly pure noise, ``a_N = 0.006``);
   step ``k`` is the weighted sum ``mu_k = u_k x_{k-1} + v_k p_{pi(k)}`` of the
-  previous state and the next shuffled branch (eq. 7), and its loss is the
+  previous state and the next shuffled branch (eq. 7), so it depends on the
+  first ``k`` branches of the order only, and its loss is the
   Gaussian negative log-likelihood (eq. 1) of the teacher's forward-noised
   state ``x^T_{tau_k} = a_{tau_k} t + b_{tau_k} sigma_S eps`` (eq. 5) under
   ``N(mu_k, sigma_k^2)``, ``sigma_k^2 = max(w_k, var_floor) sigma_S^2``.
@@ -79,6 +81,8 @@ class KDiffusion(PairedFeatureMethod):
         self.register_buffer("step_var", floor.clamp_min(self.var_floor).float())
         self.register_buffer("signal", abar[1:].sqrt().float())  # a_{tau_k}, k = 1..m
         self.register_buffer("noise", (1 - abar[1:]).clamp_min(0).sqrt().float())  # b_{tau_k}
+        # the chain's start, the state at tau_0 = N (constants, kept out of the state dict)
+        self.start_signal, self.start_noise = float(abar[0].sqrt()), float((1 - abar[0]).sqrt())
         n = len(pairs)
         self.register_buffer("s2", torch.ones(n))
         self.register_buffer("initialised", torch.zeros(n, dtype=torch.bool))
@@ -137,16 +141,24 @@ class KDiffusion(PairedFeatureMethod):
             var = var + s2 * F.softplus(self.extra_var[i]).view(self.m, 1, -1, 1, 1)
         return var
 
+    def chain_states(self, projected: list[torch.Tensor], order: list[int], target: torch.Tensor,
+                     s2: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each step's student mean and the target it is scored against. ``poster``: the chain from the teacher's
+        state at ``tau_0`` through the shuffled branches (eq. 7), against the teacher's state at each ``tau_k``
+        (eq. 5), every state freshly noised; ``reduced``: running means against the clean teacher."""
+        features = [projected[j] for j in order]
+        if self.chain == "reduced":
+            return running_means(features), [target] * len(features)
+        scale = s2.sqrt()
+        start = forward_noised(target, self.start_signal, self.start_noise * scale)
+        goals = [forward_noised(target, self.signal[k], self.noise[k] * scale) for k in range(len(features))]
+        return poster_chain(start, features, self.u, self.v), goals
+
     def chain_loss(self, i: int, projected: list[torch.Tensor], order: list[int], target: torch.Tensor,
                    s2: torch.Tensor) -> torch.Tensor:
         """The weighted sum over steps of each step's Gaussian NLL (means over elements)."""
         var = self.variances(i, s2)
-        if self.chain == "reduced":
-            means, goals = running_means([projected[j] for j in order]), [target] * len(order)
-        else:
-            means, goals = poster_chain(projected, order, self.u, self.v), []
-            for k in range(len(order)):  # eq. (5): the teacher's state at tau_k, freshly noised
-                goals.append(self.signal[k] * target + self.noise[k] * s2.sqrt() * standard_noise(target))
+        means, goals = self.chain_states(projected, order, target, s2)
         return sum(w * gaussian_nll(goal, mean, var[k]).mean()
                    for k, (w, goal, mean) in enumerate(zip(self.omega, goals, means)))
 
@@ -198,12 +210,18 @@ def running_means(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def poster_chain(projected: list[torch.Tensor], order: list[int], u: torch.Tensor,
+def forward_noised(target: torch.Tensor, signal: torch.Tensor | float, noise: torch.Tensor | float) -> torch.Tensor:
+    """Eq. (5): a draw of the teacher's state ``a t + b sigma_S eps`` (``noise`` is ``b sigma_S``)."""
+    return signal * target + noise * standard_noise(target)
+
+
+def poster_chain(start: torch.Tensor, features: list[torch.Tensor], u: torch.Tensor,
                  v: torch.Tensor) -> list[torch.Tensor]:
-    """The student's reverse chain (eqs. 7, 10): ``x_0 = mean_j p_j``, ``x_k = u_k x_{k-1} + v_k p_{pi(k)}``."""
-    state, states = torch.stack(projected).mean(0), []
-    for k, j in enumerate(order):
-        state = u[k] * state + v[k] * projected[j]
+    """The student's reverse chain (eq. 7): ``x_0 = start``, ``x_k = u_k x_{k-1} + v_k f_k`` for the features in
+    chain order, so ``x_k`` depends on the first ``k`` of them only."""
+    state, states = start, []
+    for k, feature in enumerate(features):
+        state = u[k] * state + v[k] * feature
         states.append(state)
     return states
 
