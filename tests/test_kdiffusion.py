@@ -11,9 +11,11 @@ from torch import nn
 from models import build_model, get_spec
 from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
+from pipeline.config import TrainConfig
 from pipeline.methods import kdiffusion
 from pipeline.methods.kdiffusion import KDiffusion, linear_guidance
 from pipeline.stages.distill import pair_by_stride, setup_feature_method
+from pipeline.training.engine import make_optimizer
 from pipeline.training.tasks import DistillTask, FrozenTeacher
 
 
@@ -100,6 +102,18 @@ def test_poster_chain_starts_nearly_pure_noise_and_step_k_sees_the_first_k_branc
         unseen = [grads[j] for j in order[k + 1:]]
         assert all(g is None or not g.any() for g in unseen), f"step {k + 1} depends on a later branch"
         assert grads[order[k]] is not None and grads[order[k]].any()
+
+
+def test_the_learned_variance_gets_no_weight_decay():
+    """Regression: the learned variance's parameter is 2-D (step x channel), so the optimizer put it among the
+    decayed weights (weight decay pulls rho towards 0, a variance of softplus(0) = 0.69 sigma_S^2)."""
+    method = _method(4, variance="learned")
+    task = nn.ModuleDict({"method": method, "head": nn.Linear(5, 3)})
+    optimizer = make_optimizer(task, TrainConfig(weight_decay=0.05))
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay_of[id(method.extra_var[0])] == 0.0
+    assert decay_of[id(task["head"].weight)] == 0.05 and decay_of[id(method.projectors[0].conv.weight)] == 0.05
+    assert len(decay_of) == len(list(task.parameters()))
 
 
 def test_teacher_noise_does_not_depend_on_the_memory_layout_of_the_teacher_features():

@@ -95,6 +95,10 @@ class KDiffusion(PairedFeatureMethod):
             self.extra_var = nn.ParameterList(nn.Parameter(torch.full((m, ts[0]), LEARNED_VARIANCE_INIT))
                                               for *_, ts in pairs)
 
+    def no_weight_decay(self) -> set[str]:
+        """The learned variance is a likelihood parameter, not a weight: no weight decay (the engine reads this)."""
+        return {name for name, _ in self.named_parameters() if name.startswith("extra_var.")}
+
     # --------------------------------------------------------------------------------- statistics
 
     @torch.no_grad()
