@@ -214,7 +214,37 @@ class Protocol:
 
 # -------------------------------------------------------------------------------------------------- statistics
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def t_within(t: float, df: int) -> float:
+    """``P(|T| < t)`` for Student's t with a whole number ``df`` of degrees of freedom, in closed form (Abramowitz
+    and Stegun 26.7.3-4: with ``theta = atan(t / sqrt(df))``, a finite series in ``cos(theta)``)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, total = math.cos(theta) ** 2, 0.0
+    if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 the last power
+        term = math.sin(theta) * math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= cos2 * 2 * j / (2 * j + 1)
+        return 2 / math.pi * (theta + total)
+    term = math.sin(theta)  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df - 2 the last power
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= cos2 * (2 * j - 1) / (2 * j)
+    return total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The ``level`` quantile (> 0.5) of Student's t with ``df`` degrees of freedom: bisection on its CDF."""
+    if not (0.5 < level < 1 and df >= 1 and df == int(df)):
+        raise ValueError(f"t_quantile needs 0.5 < level < 1 and a whole df >= 1 (got {level}, {df})")
+    within, low, high = 2 * level - 1, 0.0, 1.0
+    while t_within(high, int(df)) < within:
+        low, high = high, 2 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if t_within(middle, int(df)) < within else (low, middle)
+    return (low + high) / 2
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -222,7 +252,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, float("nan")
-    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def differences(runs: list[Run], reference: list[Run]) -> dict[int, float]:

@@ -68,9 +68,29 @@ def test_paired_differences_and_their_interval(protocol):
     deltas = protocol.paired(runs, alone)
     assert deltas == [2.0, 1.0, 0.5]
     mean, half = protocol.interval(deltas)
-    assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.303 * statistics.stdev(deltas) / 3 ** 0.5)
+    assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.302653 * statistics.stdev(deltas) / 3 ** 0.5)
     assert protocol.shown(deltas).endswith("]")  # the interval [-0.7, 3.0] includes 0: no star
     assert protocol.shown([2.0, 2.1, 1.9]).endswith("*")
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423),
+                                      (100, 1.9840)])
+def test_t_quantiles_match_the_tables(protocol, df, table):
+    assert protocol.t_quantile(0.975, df) == pytest.approx(table, abs=5e-5)
+
+
+def test_t_quantiles_agree_with_scipy_for_any_degrees_of_freedom(protocol):
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 60), 75, 120, 250, 1000):
+        for level in (0.9, 0.975, 0.995):
+            assert protocol.t_quantile(level, df) == pytest.approx(stats.t.ppf(level, df), rel=1e-9), (df, level)
+
+
+def test_the_interval_of_many_seeds_uses_their_t_quantile(protocol):
+    """Regression: the t table stopped at 10 degrees of freedom and fell back to 1.96 beyond (30: 2.042)."""
+    values = [float(i % 7) for i in range(31)]
+    mean, half = protocol.interval(values)
+    assert half == pytest.approx(2.0423 * statistics.stdev(values) / 31 ** 0.5, rel=1e-4)
 
 
 def test_an_ablation_row_shows_its_effect_on_the_gain_over_the_student_alone_of_its_network(protocol):
