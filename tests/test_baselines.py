@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from pipeline.methods import create_method
+from pipeline.methods import create_method, get_method, method_names
 from pipeline.methods.base import method_settings
 from pipeline.methods.feature import hcl_loss, negative_mean, ofd_partial_l2, pkt_loss, rkd_loss, sp_loss, vid_nll
+from pipeline.methods.logit import kd_divergence
 
 
 def _vectors(x: torch.Tensor) -> list[list[float]]:
@@ -228,3 +229,30 @@ def test_every_feature_baseline_takes_its_weight_beta_and_scales_its_loss_by_it(
                             branches={"final": branches}, teacher_feats={"stage4": torch.randn(8, 5, 2, 2)})
         losses.append(out[name].item())
     assert losses[1] == pytest.approx(3 * losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(name for name in method_names() if get_method(name).uses_features))
+def test_every_feature_method_plus_kd_adds_the_weighted_hinton_term(name):
+    """`+kd`, one option of every feature method: with ``lambda_kd`` its loss is the method's own terms, unchanged,
+    plus ``lambda_kd`` times Hinton's T^2 KL (``kd_temperature``) on the same batch; a run records both options."""
+    settings = method_settings(name, {})
+    assert settings["lambda_kd"] == 0.0 and settings["kd_temperature"] == 4.0  # off unless asked for
+    pair = [("final", "stage4", (6, 2, 2), (5, 2, 2))]
+    student_logits, teacher_logits = torch.randn(8, 3), torch.randn(8, 3)
+    outs = []
+    for options in ({}, {"lambda_kd": 0.7, "kd_temperature": 3.0}):
+        torch.manual_seed(8)
+        method = create_method(name, options)
+        method.num_samples = 16  # CRD's memory
+        method.setup(2, pair, {"stage4": None})
+        torch.manual_seed(9)
+        branches = [torch.randn(8, 6, 2, 2) for _ in range(2)]
+        outs.append(method.losses(student_logits=student_logits, labels=torch.zeros(8, dtype=torch.long),
+                                  teacher_logits=teacher_logits, branches={"final": branches},
+                                  teacher_feats={"stage4": torch.randn(8, 5, 2, 2)}, indices=torch.arange(8)))
+    plain, plus = outs
+    kd = 0.7 * kd_divergence(student_logits, teacher_logits, 3.0)
+    assert set(plus) == set(plain) | {"kd"} and "kd" not in plain
+    assert all(torch.equal(plus[key], plain[key]) for key in plain)
+    assert plus["kd"].item() == pytest.approx(kd.item(), rel=1e-6) and kd.item() > 0
+    assert sum(plus.values()).item() == pytest.approx((sum(plain.values()) + kd).item(), rel=1e-6)

@@ -34,7 +34,6 @@ from torch import nn
 from pipeline.methods.base import FeaturePair, check, register_method
 from pipeline.methods.diffusion import gaussian_nll, reverse_steps
 from pipeline.methods.feature import PairedFeatureMethod, match_size
-from pipeline.methods.logit import kd_divergence
 
 LEARNED_VARIANCE_INIT = -4.0  # softplus(-4) = 0.018: the learned part starts small against the floor
 
@@ -44,7 +43,7 @@ class KDiffusion(PairedFeatureMethod):
     def __init__(self, chain: str = "poster", variance: str = "fixed", var_floor: float = 0.1,
                  weights: str = "uniform", shuffle: bool = True, guided: bool = False,
                  normalize_teacher: bool = False, lambda_diff: float = 1.0, lambda_guided: float = 1.0,
-                 lambda_kd: float = 0.0, kd_temperature: float = 4.0, schedule: str = "linear", N: int = 1000,
+                 schedule: str = "linear", N: int = 1000,
                  snr_cap: float | None = None, align: str = "pool", diff_warmup: float = 0.0, **options: Any):
         super().__init__(**options)
         check(chain in ("poster", "reduced"), f"chain must be poster or reduced (got {chain})")
@@ -53,17 +52,16 @@ class KDiffusion(PairedFeatureMethod):
         check(schedule in ("linear", "cosine"), f"schedule must be linear or cosine (got {schedule})")
         check(align in ("pool", "resize"), f"align must be pool or resize (got {align})")
         for name, value in (("lambda_diff", lambda_diff), ("lambda_guided", lambda_guided),
-                            ("lambda_kd", lambda_kd), ("diff_warmup", diff_warmup)):
+                            ("diff_warmup", diff_warmup)):
             check(value >= 0, f"{name} must be >= 0 (got {value})")
         check(var_floor > 0, f"var_floor must be > 0 (got {var_floor})")
         check(int(N) >= 2, f"N must be >= 2 (got {N})")
         check(snr_cap is None or snr_cap > 0, f"snr_cap must be > 0 (got {snr_cap})")
-        check(kd_temperature > 0, f"kd_temperature must be > 0 (got {kd_temperature})")
         self.chain, self.variance, self.var_floor = chain, variance, float(var_floor)
         self.weights, self.shuffle, self.guided = weights, bool(shuffle), bool(guided)
         self.normalize_teacher, self.align = bool(normalize_teacher), align
-        self.lambda_diff, self.lambda_guided, self.lambda_kd = float(lambda_diff), float(lambda_guided), float(lambda_kd)
-        self.kd_temperature, self.schedule, self.N, self.snr_cap = float(kd_temperature), schedule, int(N), snr_cap
+        self.lambda_diff, self.lambda_guided = float(lambda_diff), float(lambda_guided)
+        self.schedule, self.N, self.snr_cap = schedule, int(N), snr_cap
         self.diff_warmup = float(diff_warmup)
         self.last_orders: list[list[int]] = []
 
@@ -168,8 +166,8 @@ class KDiffusion(PairedFeatureMethod):
 
     # --------------------------------------------------------------------------------- the loss
 
-    def losses(self, *, student_logits, labels, teacher_logits=None, branches=None, teacher_feats=None,
-               **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches=None, teacher_feats=None,
+                       **_: Any) -> dict[str, torch.Tensor]:
         out = {"ce": self.cross_entropy(student_logits, labels)}
         diff_total, guided_total = student_logits.new_zeros(()), student_logits.new_zeros(())
         self.last_orders = []
@@ -193,8 +191,6 @@ class KDiffusion(PairedFeatureMethod):
         out["diff"] = ramp * self.lambda_diff * diff_total
         if guided_points:
             out["guided"] = self.lambda_guided * guided_total
-        if self.lambda_kd > 0 and teacher_logits is not None:
-            out["kd"] = self.lambda_kd * kd_divergence(student_logits, teacher_logits, self.kd_temperature)
         return out
 
 
