@@ -62,6 +62,26 @@ def test_a_combined_ablation_makes_every_change_and_pairs_with_the_student_alone
         protocol.plan_rows(chosen, ["variance+m=3"])
 
 
+def test_matched_scale_ablations_put_the_chosen_weight_on_the_fused_feature(protocol):
+    """The confound of the ablation table: weights=last and m=1 put 3.5x the chosen setting's curvature on the fused
+    feature and --points multi 3x (losses summed over points). With matched_scale each ablation's lambda_diff is
+    rescaled so that lambda_diff x points x curvature is the chosen setting's; the pairing does not change."""
+    chosen = {"none": [], "kdiffusion": ["--method-option", "lambda_diff=1"]}
+    labels = ["weights=last", "m=1", "points=multi", "shuffle=off", "variance+m=8+points=multi"]
+    plain, plain_alone = protocol.plan_rows(chosen, labels)
+    rows, alone_of = protocol.plan_rows(chosen, labels, matched_scale=True)
+    weight = protocol.diffusion_weight(chosen["kdiffusion"])
+    assert weight == pytest.approx(2.821, abs=1e-3)
+    assert protocol.diffusion_weight(plain["KDiffusion weights=last"][1]) == pytest.approx(3.544 * weight, rel=1e-3)
+    assert protocol.diffusion_weight(plain["KDiffusion points=multi"][1]) == pytest.approx(3 * weight)
+    for label in ("weights=last", "m=1", "points=multi", "variance=learned+m=8+points=multi"):
+        assert protocol.diffusion_weight(rows[f"KDiffusion {label}"][1]) == pytest.approx(weight, rel=1e-3), label
+    assert rows["KDiffusion points=multi"][1] == [*plain["KDiffusion points=multi"][1], "--method-option",
+                                                  "lambda_diff=0.3333"]
+    assert rows["KDiffusion shuffle=off"] == plain["KDiffusion shuffle=off"]  # nothing to match
+    assert alone_of == plain_alone
+
+
 def test_paired_differences_and_their_interval(protocol):
     runs = [protocol.Run("kd", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([80.0, 81.0, 79.5])]
     alone = [protocol.Run("none", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([78.0, 80.0, 79.0])]

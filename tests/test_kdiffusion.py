@@ -13,7 +13,7 @@ from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
 from pipeline.config import TrainConfig
 from pipeline.methods import kdiffusion
-from pipeline.methods.kdiffusion import KDiffusion, linear_guidance
+from pipeline.methods.kdiffusion import KDiffusion, fused_curvature, linear_guidance
 from pipeline.stages.distill import pair_by_stride, setup_feature_method
 from pipeline.training.engine import make_optimizer
 from pipeline.training.tasks import DistillTask, FrozenTeacher
@@ -102,6 +102,26 @@ def test_poster_chain_starts_nearly_pure_noise_and_step_k_sees_the_first_k_branc
         unseen = [grads[j] for j in order[k + 1:]]
         assert all(g is None or not g.any() for g in unseen), f"step {k + 1} depends on a later branch"
         assert grads[order[k]] is not None and grads[order[k]].any()
+
+
+@pytest.mark.parametrize("m,chain,weights,expected", [(4, "poster", "uniform", 2.821), (1, "poster", "uniform", 10.0),
+                                                      (4, "poster", "last", 10.0), (8, "poster", "snr", None),
+                                                      (4, "reduced", "uniform", 1.0)])
+def test_fused_curvature_is_the_loss_curvature_in_a_shift_shared_by_every_branch(m, chain, weights, expected):
+    """What benchmarks/kd_methods.py --matched-scale holds fixed: the second derivative of L_diff (sigma_S^2 = 1) in
+    a shift of every branch by the same delta, i.e. how hard the loss holds the fused feature."""
+    torch.manual_seed(13)
+    method = _method(m, chain=chain, weights=weights).double()
+    projected = [torch.randn(8, 5, 2, 2, dtype=torch.float64) for _ in range(m)]
+    t = torch.randn(8, 5, 2, 2, dtype=torch.float64)
+    delta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    s2 = torch.tensor(1.0, dtype=torch.float64)
+    loss = method.chain_loss(0, [p + delta for p in projected], list(range(m)), t, s2)
+    (slope,) = torch.autograd.grad(loss, delta, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope, delta)
+    assert fused_curvature(m, chain, weights) == pytest.approx(curvature.item(), rel=1e-6)  # buffers are fp32
+    if expected is not None:
+        assert fused_curvature(m, chain, weights) == pytest.approx(expected, abs=1e-3)
 
 
 def test_the_learned_variance_gets_no_weight_decay():

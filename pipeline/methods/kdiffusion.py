@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import FeaturePair, check, register_method
-from pipeline.methods.diffusion import gaussian_nll, reverse_steps
+from pipeline.methods.diffusion import ReverseSteps, gaussian_nll, reverse_steps
 from pipeline.methods.feature import PairedFeatureMethod, match_size
 
 LEARNED_VARIANCE_INIT = -4.0  # softplus(-4) = 0.018: the learned part starts small against the floor
@@ -74,9 +74,7 @@ class KDiffusion(PairedFeatureMethod):
         self.register_buffer("omega", steps.omega.float())
         self.register_buffer("u", steps.u.float())
         self.register_buffer("v", steps.v.float())
-        # the poster chain's step variance (relative to sigma_S^2): the posterior's w_k, floored (w_m = 0)
-        floor = steps.w if self.chain == "poster" else torch.ones(m, dtype=torch.float64)
-        self.register_buffer("step_var", floor.clamp_min(self.var_floor).float())
+        self.register_buffer("step_var", step_variances(steps, self.chain, self.var_floor).float())
         self.register_buffer("signal", abar[1:].sqrt().float())  # a_{tau_k}, k = 1..m
         self.register_buffer("noise", (1 - abar[1:]).clamp_min(0).sqrt().float())  # b_{tau_k}
         # the chain's start, the state at tau_0 = N (constants, kept out of the state dict)
@@ -224,6 +222,29 @@ def poster_chain(start: torch.Tensor, features: list[torch.Tensor], u: torch.Ten
         state = u[k] * state + v[k] * feature
         states.append(state)
     return states
+
+
+def step_variances(steps: ReverseSteps, chain: str, var_floor: float) -> torch.Tensor:
+    """Each step's likelihood variance relative to sigma_S^2 (the floor of ``variance=learned``): the poster
+    chain's posterior ``w_k``, floored (``w_m = 0``); the reduced chain's 1."""
+    variance = steps.w if chain == "poster" else torch.ones_like(steps.w)
+    return variance.clamp_min(var_floor)
+
+
+def fused_curvature(m: int, chain: str = "poster", weights: str = "uniform", var_floor: float = 0.1,
+                    schedule: str = "linear", N: int = 1000, snr_cap: float | None = None) -> float:
+    """How hard one point's ``L_diff`` holds the fused (deployed) feature, in units of ``1 / sigma_S^2``: moving every
+    branch by the same ``delta`` moves step ``k``'s mean by ``c_k delta`` (``c_k = u_k c_{k-1} + v_k`` from
+    ``c_0 = 0`` on the poster chain, 1 on the reduced), so the loss's second derivative in ``delta`` (per element,
+    at the variance floor) is ``sum_k omega_k c_k^2 / var_k``. m = 4 by default: 2.83; m = 1 or
+    ``weights=last``: 10."""
+    steps = reverse_steps(m, N, schedule, weights, snr_cap)
+    one = torch.ones((), dtype=torch.float64)
+    if chain == "poster":
+        coefficients = torch.stack(poster_chain(0 * one, [one] * m, steps.u, steps.v))
+    else:
+        coefficients = torch.stack(running_means([one] * m))
+    return float((steps.omega * coefficients**2 / step_variances(steps, chain, var_floor)).sum())
 
 
 def linear_guidance(gap: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
