@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # in-process imports of pipeline come from this checkout, as the runs do
+    sys.path.insert(0, str(ROOT))  # (they are `python -m pipeline` with ROOT as the working directory)
 
 
 @dataclass(frozen=True)
