@@ -85,7 +85,7 @@ def main() -> None:
                                                     False),
              "kdiffusion, cached teacher": build_task(s.method, cfg, teacher, sample, bundle.num_classes, image_size,
                                                       True)}
-    optimizers = {name: make_optimizer(list(task.named_parameters()), train_cfg) for name, task in tasks.items()}
+    optimizers = {name: make_optimizer(task, train_cfg) for name, task in tasks.items()}
     names = list(tasks)
     times = {name: [0.0] * epochs for name in names}
     hit_rates = []

@@ -9,7 +9,9 @@ The protocol, the same for every method (none of them gets more tuning than anot
 3. **Test.** Each method's chosen setting is trained with ``--seeds`` seeds and scored on the test split.
 4. **Ablations.** KDiffusion's chosen setting with one thing changed at a time, on the same seeds; the rows with
    another branch count ``m`` are paired with the student alone of that same ``m`` (the multi-branch network
-   trains differently with each ``m``).
+   trains differently with each ``m``). With ``--matched-scale`` each ablation's ``lambda_diff`` is rescaled so
+   that it puts the chosen setting's weight on the fused feature (``weights=last`` and ``m=1`` put 3.5x the
+   default's there, ``--points multi`` 3x): the row then measures the change, not the loss scale.
 
 The table gives mean +- std of the last-epoch test top-1, the difference to the student alone and to KD paired
 by seed (a seed fixes the initial weights, the training subset and the batch order) with a 95% t-interval, and
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # in-process imports of pipeline come from this checkout, as the runs do
+    sys.path.insert(0, str(ROOT))  # (they are `python -m pipeline` with ROOT as the working directory)
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,37 @@ class Protocol:
 
 # -------------------------------------------------------------------------------------------------- statistics
 
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+def t_within(t: float, df: int) -> float:
+    """``P(|T| < t)`` for Student's t with a whole number ``df`` of degrees of freedom, in closed form (Abramowitz
+    and Stegun 26.7.3-4: with ``theta = atan(t / sqrt(df))``, a finite series in ``cos(theta)``)."""
+    theta = math.atan(t / math.sqrt(df))
+    cos2, total = math.cos(theta) ** 2, 0.0
+    if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...)), df - 2 the last power
+        term = math.sin(theta) * math.cos(theta)
+        for j in range(1, (df - 1) // 2 + 1):
+            total += term
+            term *= cos2 * 2 * j / (2 * j + 1)
+        return 2 / math.pi * (theta + total)
+    term = math.sin(theta)  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...), df - 2 the last power
+    for j in range(1, df // 2 + 1):
+        total += term
+        term *= cos2 * (2 * j - 1) / (2 * j)
+    return total
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The ``level`` quantile (> 0.5) of Student's t with ``df`` degrees of freedom: bisection on its CDF."""
+    if not (0.5 < level < 1 and df >= 1 and df == int(df)):
+        raise ValueError(f"t_quantile needs 0.5 < level < 1 and a whole df >= 1 (got {level}, {df})")
+    within, low, high = 2 * level - 1, 0.0, 1.0
+    while t_within(high, int(df)) < within:
+        low, high = high, 2 * high
+    for _ in range(200):
+        middle = (low + high) / 2
+        if middle in (low, high):
+            break
+        low, high = (middle, high) if t_within(middle, int(df)) < within else (low, middle)
+    return (low + high) / 2
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -222,7 +256,7 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.mean(values)
     if len(values) < 2:
         return mean, float("nan")
-    return mean, T_975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, t_quantile(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def differences(runs: list[Run], reference: list[Run]) -> dict[int, float]:
@@ -316,12 +350,48 @@ def network_of(flags: list[str]) -> str:
     return " ".join(f"{NETWORK_FLAGS[flag]}={value}" for flag, value in network_flags(flags).items())
 
 
-def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
+def kdiffusion_settings(flags: list[str]) -> dict[str, object]:
+    """Every KDiffusion option with the value these flags give it (a repeated option: the last, as in the CLI)."""
+    from pipeline.cli import parse_method_options
+    from pipeline.methods import method_settings
+
+    return method_settings("kdiffusion", parse_method_options(
+        tuple(flags[i + 1] for i, flag in enumerate(flags) if flag == "--method-option")))
+
+
+def diffusion_weight(flags: list[str]) -> float:
+    """The weight KDiffusion's flags put on the fused (deployed) feature: ``lambda_diff`` times the curvature
+    ``L_diff`` puts on it at one point (``kdiffusion.fused_curvature``) times the points (their losses are summed)."""
+    from pipeline.config import StudentConfig
+    from pipeline.methods.kdiffusion import fused_curvature
+    from models.reparam import POINT_COUNTS
+
+    o = kdiffusion_settings(flags)
+    network = network_flags(flags)
+    m = int(network.get("--branches", StudentConfig.model_fields["m"].default))
+    points = POINT_COUNTS[network.get("--points", StudentConfig.model_fields["points"].default)]
+    curvature = fused_curvature(m, o["chain"], o["weights"], o["var_floor"], o["schedule"], o["N"], o["snr_cap"])
+    return o["lambda_diff"] * points * curvature
+
+
+def at_matched_scale(reference: list[str], flags: list[str]) -> list[str]:
+    """``flags`` with ``lambda_diff`` rescaled so that their weight on the fused feature is ``reference``'s: an
+    ablation then changes its one thing and not also the loss scale (``weights=last`` and ``m=1`` put 3.5x the
+    default's curvature on the fused feature, ``--points multi`` 3x)."""
+    ratio = diffusion_weight(reference) / diffusion_weight(flags)
+    if math.isclose(ratio, 1.0, rel_tol=1e-9):
+        return flags
+    lambda_diff = kdiffusion_settings(flags)["lambda_diff"]
+    return [*flags, *option_flags(lambda_diff=f"{lambda_diff * ratio:.4g}")]
+
+
+def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str], matched_scale: bool = False
               ) -> tuple[dict[str, tuple[str, list[str]]], dict[str, str]]:
     """The test-phase rows (label -> (method, flags)) and, for each, the label of the student-alone row it is
     paired with: the one with the same training-time network (branch count ``m`` and distillation points, e.g.
     ReviewKD's multi-point grid or the m=8 ablation), added where the default student alone is another network
-    and itself paired with the default one."""
+    and itself paired with the default one. ``matched_scale``: each KDiffusion ablation with the chosen setting's
+    weight on the fused feature (:func:`at_matched_scale`)."""
     rows = {LABELS[m]: (m, flags) for m, flags in chosen.items()}
     if "kdiffusion" in chosen:
         variants = ablations(chosen["kdiffusion"])
@@ -336,7 +406,9 @@ def plan_rows(chosen: dict[str, list[str]], ablation_labels: list[str]
                 continue
             parts = [variance if part == "variance" else part for part in label.split("+")]
             changes = [flag for part in parts for flag in known[part][len(chosen["kdiffusion"]):]]
-            rows[f"KDiffusion {'+'.join(parts)}"] = ("kdiffusion", [*chosen["kdiffusion"], *changes])
+            flags = [*chosen["kdiffusion"], *changes]
+            rows[f"KDiffusion {'+'.join(parts)}"] = (
+                "kdiffusion", at_matched_scale(chosen["kdiffusion"], flags) if matched_scale else flags)
     alone_of = {}
     for label, (method, flags) in list(rows.items()):
         network = network_of(flags)
@@ -385,6 +457,9 @@ def main() -> None:
     parser.add_argument("--ablations", default="all",
                         help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels; "
                              "labels joined by + make one row with all those changes (variance+m=8)")
+    parser.add_argument("--matched-scale", action="store_true",
+                        help="run each KDiffusion ablation with lambda_diff rescaled to the chosen setting's weight "
+                             "on the fused feature (lambda_diff x points x the chain's curvature)")
     args = parser.parse_args()
     methods = parse_names(parser, args.methods, GRIDS, "method")
     if "none" not in methods:
@@ -396,7 +471,7 @@ def main() -> None:
 
     chosen = protocol.tune(methods, teacher)
     rows, alone_of = plan_rows({m: chosen[m][0] for m in methods},
-                               [] if args.ablations in ("", "none") else args.ablations.split(","))
+                               [] if args.ablations in ("", "none") else args.ablations.split(","), args.matched_scale)
     runs = protocol.test(rows, teacher)
 
     tuning = ["| method | setting | validation top-1 (%) | chosen |", "|---|---|---|---|"]
@@ -417,6 +492,8 @@ def main() -> None:
              f"{'test split' if not s.eval_subset else f'{s.eval_subset}-image test subset'}",
              f"feature map sizes (C x H x W without C): {map_sizes(sample) if sample else '-'}",
              "`*`: the 95% interval of the paired difference excludes 0",
+             *(["KDiffusion's ablations at matched scale: lambda_diff rescaled so that lambda_diff x points x the "
+                "chain's curvature on the fused feature is the chosen setting's"] if args.matched_scale else []),
              f"wall time of this invocation {time.time() - started:.0f} s; machine: {machine_note()}"]
     text = "\n".join(["## Tuning (validation split)", "", *tuning, "", "## Test (chosen settings)", "", *main_rows,
                       "", *[f"- {n}" for n in notes]])

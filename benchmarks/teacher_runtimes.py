@@ -124,7 +124,7 @@ def main() -> None:
     student, _ = build_multibranch_student(cfg.student.model, bundle.num_classes, bundle.default_image_size,
                                            cfg.student.m, cfg.student.points, cfg.student.rep_blocks)
     task = DistillTask(student, get_method("none")()).train()
-    optimizer = make_optimizer(list(task.named_parameters()), cfg.student.train)
+    optimizer = make_optimizer(task, cfg.student.train)
 
     def student_step() -> None:
         _, losses = task(x, labels)

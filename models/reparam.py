@@ -19,7 +19,8 @@ from models.blocks import BranchConvBN, RepBlock, RepConvBN, rep_eligible
 from models.errors import ModelError
 from models.registry import build_model, get_spec
 
-POINT_SETS = ("single", "multi")
+POINT_COUNTS = {"single": 1, "multi": 3}  # distillation points of each set (exactly: fewer is an error)
+POINT_SETS = tuple(POINT_COUNTS)
 POINT_TAPS = ("final", "stage4", "stage3", "stage2")  # where distillation points are looked for, last first
 REP_STYLES = ("none", "repvgg", "dbb")
 
@@ -63,7 +64,7 @@ def distill_points(name: str, points: str = "single") -> list[DistillPoint]:
         raise ModelError(f"unknown distillation points '{points}'; valid: {', '.join(POINT_SETS)}")
     spec = get_spec(name, "student")
     model, _, _ = build_model(spec.name, 10, spec.default_image_size)
-    wanted = 1 if points == "single" else 3
+    wanted = POINT_COUNTS[points]
     chosen, seen = [], set()
     for tap in POINT_TAPS:
         module_path = spec.taps[tap].module if tap in spec.taps else None

@@ -13,7 +13,7 @@ from tests.conftest import TINY, clone_run, run_cli, tree_digest
 @pytest.mark.parametrize("method,options", [
     ("kd", ["--method-option", "temperature=2"]),
     ("dkd", ["--method-option", "beta=4", "--method-option", "warmup=1"]),
-    ("fitnet", ["--points", "multi"]),
+    ("fitnet", ["--points", "multi", "--method-option", "lambda_kd=0.5"]),  # FitNet+KD
     ("at", ["--points", "multi"]),
     ("kdiffusion", ["--branches", "2", "--method-option", "lambda_kd=0.5"]),
 ])
@@ -27,6 +27,8 @@ def test_distill_stripes_teacher_saves_student_only_and_fuses(method, options, s
     assert "teacher forward:" in result.stderr  # precision choice with its measured logit difference
     meta = json.loads((run_dir / "student" / "metrics.json").read_text())
     assert meta["arch"]["method"] == method and meta["arch"]["teacher"]["sha256"]
+    given = dict(option.split("=") for option in options if "=" in option)
+    assert all(str(meta["arch"]["method_options"][key]) == value for key, value in given.items())  # recorded
     state = torch.load(run_dir / "student" / "model.pt", weights_only=True)
     assert not any(k.startswith(("teacher", "method", "layer")) for k in state), "teacher/loss state leaked"
     assert any(k.startswith("conv5.0.convs.") for k in state)
@@ -63,6 +65,7 @@ def _two_class_folder(root: Path) -> str:
     (["--method", "dkd", "--method-option", "beta=-1"], "method 'dkd': beta must be >= 0"),
     (["--method", "kd", "--method-option", "gamma=1"], "method 'kd' has no option(s) gamma; valid: alpha, temperature"),
     (["--method", "kd", "--method-option", "oops"], "expected KEY=VALUE"),
+    (["--method", "fitnet", "--method-option", "lambda_kd=-1"], "method 'fitnet': lambda_kd must be >= 0"),
 ])
 def test_distill_option_errors(args, expected, stripes_teacher, stripes_root):
     result = run_cli("distill", "--data-root", str(stripes_root), "--run-dir", str(stripes_teacher), *TINY, *args)

@@ -62,15 +62,55 @@ def test_a_combined_ablation_makes_every_change_and_pairs_with_the_student_alone
         protocol.plan_rows(chosen, ["variance+m=3"])
 
 
+def test_matched_scale_ablations_put_the_chosen_weight_on_the_fused_feature(protocol):
+    """The confound of the ablation table: weights=last and m=1 put 3.5x the chosen setting's curvature on the fused
+    feature and --points multi 3x (losses summed over points). With matched_scale each ablation's lambda_diff is
+    rescaled so that lambda_diff x points x curvature is the chosen setting's; the pairing does not change."""
+    chosen = {"none": [], "kdiffusion": ["--method-option", "lambda_diff=1"]}
+    labels = ["weights=last", "m=1", "points=multi", "shuffle=off", "variance+m=8+points=multi"]
+    plain, plain_alone = protocol.plan_rows(chosen, labels)
+    rows, alone_of = protocol.plan_rows(chosen, labels, matched_scale=True)
+    weight = protocol.diffusion_weight(chosen["kdiffusion"])
+    assert weight == pytest.approx(2.821, abs=1e-3)
+    assert protocol.diffusion_weight(plain["KDiffusion weights=last"][1]) == pytest.approx(3.544 * weight, rel=1e-3)
+    assert protocol.diffusion_weight(plain["KDiffusion points=multi"][1]) == pytest.approx(3 * weight)
+    for label in ("weights=last", "m=1", "points=multi", "variance=learned+m=8+points=multi"):
+        assert protocol.diffusion_weight(rows[f"KDiffusion {label}"][1]) == pytest.approx(weight, rel=1e-3), label
+    assert rows["KDiffusion points=multi"][1] == [*plain["KDiffusion points=multi"][1], "--method-option",
+                                                  "lambda_diff=0.3333"]
+    assert rows["KDiffusion shuffle=off"] == plain["KDiffusion shuffle=off"]  # nothing to match
+    assert alone_of == plain_alone
+
+
 def test_paired_differences_and_their_interval(protocol):
     runs = [protocol.Run("kd", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([80.0, 81.0, 79.5])]
     alone = [protocol.Run("none", [], seed, False, {"top1": top1}) for seed, top1 in enumerate([78.0, 80.0, 79.0])]
     deltas = protocol.paired(runs, alone)
     assert deltas == [2.0, 1.0, 0.5]
     mean, half = protocol.interval(deltas)
-    assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.303 * statistics.stdev(deltas) / 3 ** 0.5)
+    assert mean == pytest.approx(7 / 6) and half == pytest.approx(4.302653 * statistics.stdev(deltas) / 3 ** 0.5)
     assert protocol.shown(deltas).endswith("]")  # the interval [-0.7, 3.0] includes 0: no star
     assert protocol.shown([2.0, 2.1, 1.9]).endswith("*")
+
+
+@pytest.mark.parametrize("df,table", [(1, 12.7062), (2, 4.3027), (5, 2.5706), (10, 2.2281), (30, 2.0423),
+                                      (100, 1.9840)])
+def test_t_quantiles_match_the_tables(protocol, df, table):
+    assert protocol.t_quantile(0.975, df) == pytest.approx(table, abs=5e-5)
+
+
+def test_t_quantiles_agree_with_scipy_for_any_degrees_of_freedom(protocol):
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 60), 75, 120, 250, 1000):
+        for level in (0.9, 0.975, 0.995):
+            assert protocol.t_quantile(level, df) == pytest.approx(stats.t.ppf(level, df), rel=1e-9), (df, level)
+
+
+def test_the_interval_of_many_seeds_uses_their_t_quantile(protocol):
+    """Regression: the t table stopped at 10 degrees of freedom and fell back to 1.96 beyond (30: 2.042)."""
+    values = [float(i % 7) for i in range(31)]
+    mean, half = protocol.interval(values)
+    assert half == pytest.approx(2.0423 * statistics.stdev(values) / 31 ** 0.5, rel=1e-4)
 
 
 def test_an_ablation_row_shows_its_effect_on_the_gain_over_the_student_alone_of_its_network(protocol):

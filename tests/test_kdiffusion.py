@@ -11,8 +11,11 @@ from torch import nn
 from models import build_model, get_spec
 from models.blocks import BranchConvBN
 from models.reparam import build_multibranch_student
-from pipeline.methods.kdiffusion import KDiffusion, linear_guidance
+from pipeline.config import TrainConfig
+from pipeline.methods import kdiffusion
+from pipeline.methods.kdiffusion import KDiffusion, fused_curvature, linear_guidance
 from pipeline.stages.distill import pair_by_stride, setup_feature_method
+from pipeline.training.engine import make_optimizer
 from pipeline.training.tasks import DistillTask, FrozenTeacher
 
 
@@ -42,16 +45,16 @@ def test_m1_is_a_scale_normalised_fitnet_nll(chain, relative_var):
 
 
 def test_poster_chain_is_eqs_5_7_and_10():
-    """m = 2, by hand from the poster: the chain starts at the mean of the branches (eq. 10); step 1 is the weighted
-    sum u x + v p_1 (eq. 7) scored against the teacher noised to tau = 500 (eq. 5) with variance w sigma_S^2; step 2
-    has u = 0, v = 1 and the clean teacher, with the floor variance."""
+    """m = 2, by hand from the poster: the chain starts at the teacher noised to tau_0 = N (eq. 5, nearly pure
+    noise); step 1 is the weighted sum u x + v p_1 (eq. 7) scored against the teacher noised to tau = 500 (eq. 5) with
+    variance w sigma_S^2; step 2 has u = 0, v = 1 and the clean teacher, with the floor variance."""
     torch.manual_seed(3)
     method = _method(2, shuffle=False)
     z, t = [torch.randn(8, 6, 2, 2) for _ in range(2)], torch.randn(8, 5, 2, 2)
     torch.manual_seed(11)
     out = _losses(method, z, t)
     torch.manual_seed(11)
-    eps = torch.randn_like(t)
+    eps0, eps1 = torch.randn_like(t), torch.randn_like(t)  # the start's noise, then step 1's target's
 
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
     a_s2, a_r2 = abar[999].item(), abar[499].item()  # alphabar at tau = 1000 and 500
@@ -62,10 +65,75 @@ def test_poster_chain_is_eqs_5_7_and_10():
     p1, p2 = method.projectors[0](torch.cat(z)).split(8)
     s2 = torch.stack([p1, p2]).detach().var()
     nll = lambda x, mean, var: (0.5 * torch.log(var) + (x - mean) ** 2 / (2 * var)).mean()  # noqa: E731
-    state1 = u1 * (p1 + p2) / 2 + v1 * p1
-    goal1 = a_r2 ** 0.5 * t + (1 - a_r2) ** 0.5 * s2.sqrt() * eps
+    start = a_s2 ** 0.5 * t + (1 - a_s2) ** 0.5 * s2.sqrt() * eps0
+    state1 = u1 * start + v1 * p1
+    goal1 = a_r2 ** 0.5 * t + (1 - a_r2) ** 0.5 * s2.sqrt() * eps1
     expected = 0.5 * (nll(goal1, state1, max(w1, 0.1) * s2) + nll(t, 0 * state1 + 1 * p2, 0.1 * s2))
     assert out["diff"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("m,step1_signal", [(4, 0.0579), (8, 0.0208)])
+def test_poster_chain_starts_nearly_pure_noise_and_step_k_sees_the_first_k_branches(m, step1_signal, monkeypatch):
+    """Regression: the chain started from the mean of all branches, which is trained towards the teacher, so with
+    branches equal to the teacher step 1's mean carried 0.167 t (m = 4; 0.325 t at m = 8) where the posterior's
+    target x^T_{tau_1} carries a_{tau_1} t = 0.058 t (0.021 t), and every step saw every branch through that start.
+    It now starts at the teacher's state at tau_0 = N (signal a_N = 0.006): with perfect branches each step's mean
+    carries exactly its target's signal (eq. 7's posterior mean), and step k depends on the first k branches only."""
+    torch.manual_seed(12)
+    method = _method(m, shuffle=False)
+    t, s2 = torch.randn(8, 5, 2, 2), torch.tensor(0.7)
+    order = list(range(m))
+    # the noise-free part of the chain and its targets: the signal each carries
+    monkeypatch.setattr(kdiffusion, "standard_noise", torch.zeros_like)
+    loss = method.chain_loss(0, [t] * m, order, t, s2)
+    var = method.variances(0, s2)
+    log_terms = sum(w * 0.5 * torch.log(var[k]).mean() for k, w in enumerate(method.omega))
+    assert loss.item() == pytest.approx(log_terms.item(), abs=1e-6)  # no squared error left at any step
+    ones = torch.ones(())
+    means, goals = method.chain_states([ones] * m, order, ones, s2)
+    assert means[0].item() == pytest.approx(step1_signal, abs=1e-4)
+    assert [x.item() for x in means] == pytest.approx([g.item() for g in goals], abs=1e-6)
+    monkeypatch.undo()
+    order = list(reversed(range(m)))
+    projected = [torch.randn(8, 5, 2, 2, requires_grad=True) for _ in range(m)]
+    means, _ = method.chain_states(projected, order, t, s2)
+    for k, mean in enumerate(means):
+        grads = torch.autograd.grad(mean.sum(), projected, allow_unused=True, retain_graph=True)
+        unseen = [grads[j] for j in order[k + 1:]]
+        assert all(g is None or not g.any() for g in unseen), f"step {k + 1} depends on a later branch"
+        assert grads[order[k]] is not None and grads[order[k]].any()
+
+
+@pytest.mark.parametrize("m,chain,weights,expected", [(4, "poster", "uniform", 2.821), (1, "poster", "uniform", 10.0),
+                                                      (4, "poster", "last", 10.0), (8, "poster", "snr", None),
+                                                      (4, "reduced", "uniform", 1.0)])
+def test_fused_curvature_is_the_loss_curvature_in_a_shift_shared_by_every_branch(m, chain, weights, expected):
+    """What benchmarks/kd_methods.py --matched-scale holds fixed: the second derivative of L_diff (sigma_S^2 = 1) in
+    a shift of every branch by the same delta, i.e. how hard the loss holds the fused feature."""
+    torch.manual_seed(13)
+    method = _method(m, chain=chain, weights=weights).double()
+    projected = [torch.randn(8, 5, 2, 2, dtype=torch.float64) for _ in range(m)]
+    t = torch.randn(8, 5, 2, 2, dtype=torch.float64)
+    delta = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    s2 = torch.tensor(1.0, dtype=torch.float64)
+    loss = method.chain_loss(0, [p + delta for p in projected], list(range(m)), t, s2)
+    (slope,) = torch.autograd.grad(loss, delta, create_graph=True)
+    (curvature,) = torch.autograd.grad(slope, delta)
+    assert fused_curvature(m, chain, weights) == pytest.approx(curvature.item(), rel=1e-6)  # buffers are fp32
+    if expected is not None:
+        assert fused_curvature(m, chain, weights) == pytest.approx(expected, abs=1e-3)
+
+
+def test_the_learned_variance_gets_no_weight_decay():
+    """Regression: the learned variance's parameter is 2-D (step x channel), so the optimizer put it among the
+    decayed weights (weight decay pulls rho towards 0, a variance of softplus(0) = 0.69 sigma_S^2)."""
+    method = _method(4, variance="learned")
+    task = nn.ModuleDict({"method": method, "head": nn.Linear(5, 3)})
+    optimizer = make_optimizer(task, TrainConfig(weight_decay=0.05))
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay_of[id(method.extra_var[0])] == 0.0
+    assert decay_of[id(task["head"].weight)] == 0.05 and decay_of[id(method.projectors[0].conv.weight)] == 0.05
+    assert len(decay_of) == len(list(task.parameters()))
 
 
 def test_teacher_noise_does_not_depend_on_the_memory_layout_of_the_teacher_features():

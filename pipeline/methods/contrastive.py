@@ -115,7 +115,7 @@ class CRD(PairedFeatureMethod):
         mixed = memory[indices] * self.momentum + embedding * (1 - self.momentum)
         memory[indices] = F.normalize(mixed, dim=1)
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, indices=None,
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, indices=None,
                **_: Any) -> dict[str, torch.Tensor]:
         if indices is None:
             raise ValueError("crd needs each image's index in the training set (the engine passes them)")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import FeaturePair, KDMethod, check, register_method
+from pipeline.methods.logit import kd_divergence
 
 
 class Projector(nn.Module):
@@ -42,12 +43,22 @@ def match_size(teacher: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class PairedFeatureMethod(KDMethod):
-    """A method that pairs each student distillation point with a teacher stage (set up by the stage)."""
+    """A method that pairs each student distillation point with a teacher stage (set up by the stage).
+
+    Every feature method can train beside Hinton's logit term ("+kd", as CRD+KD and DiffKD do): the options
+    ``lambda_kd`` (its weight; 0, the default, leaves it out) and ``kd_temperature``. A subclass computes its own
+    terms in :meth:`feature_losses`; :meth:`losses` adds ``kd``."""
 
     align = "pool"
     uses_features = True
     needs_projector = True  # one Projector per point (student channels -> teacher channels)
     pairs: list[tuple[str, str]] = []  # (student tap, teacher tap), filled in by setup
+
+    def __init__(self, lambda_kd: float = 0.0, kd_temperature: float = 4.0, **options: Any):
+        super().__init__(**options)
+        check(lambda_kd >= 0, f"lambda_kd must be >= 0 (got {lambda_kd})")
+        check(kd_temperature > 0, f"kd_temperature must be > 0 (got {kd_temperature})")
+        self.lambda_kd, self.kd_temperature = float(lambda_kd), float(kd_temperature)
 
     def setup(self, m: int, pairs: list[FeaturePair], next_parts: dict[str, nn.Module | None]) -> None:
         """``pairs``: (student point tap, teacher tap, student CHW, teacher CHW); ``next_parts`` by teacher tap."""
@@ -61,6 +72,18 @@ class PairedFeatureMethod(KDMethod):
     @property
     def teacher_taps(self) -> list[str]:
         return list(dict.fromkeys(t for _, t in self.pairs))
+
+    def losses(self, *, student_logits: torch.Tensor, labels: torch.Tensor,
+               teacher_logits: torch.Tensor | None = None, **inputs: Any) -> dict[str, torch.Tensor]:
+        out = self.feature_losses(student_logits=student_logits, labels=labels, teacher_logits=teacher_logits,
+                                  **inputs)
+        if self.lambda_kd > 0 and teacher_logits is not None:
+            out["kd"] = self.lambda_kd * kd_divergence(student_logits, teacher_logits, self.kd_temperature)
+        return out
+
+    def feature_losses(self, **inputs: Any) -> dict[str, torch.Tensor]:
+        """The method's own named terms (cross-entropy included), with :meth:`losses`' arguments."""
+        raise NotImplementedError
 
 
 def mean_feature(branches: list[torch.Tensor]) -> torch.Tensor:
@@ -77,7 +100,7 @@ class FitNet(PairedFeatureMethod):
         check(beta >= 0, f"beta must be >= 0 (got {beta})")
         self.beta = float(beta)
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total = student_logits.new_zeros(())
         for i, (s_tap, t_tap) in enumerate(self.pairs):
             estimate = self.projectors[i](mean_feature(branches[s_tap])).float()
@@ -100,7 +123,7 @@ class AttentionTransfer(PairedFeatureMethod):
         check(p > 0, f"p must be > 0 (got {p})")
         self.beta, self.p = float(beta), float(p)
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total = student_logits.new_zeros(())
         for s_tap, t_tap in self.pairs:
             student = mean_feature(branches[s_tap])
@@ -138,7 +161,7 @@ class RelationalMethod(PairedFeatureMethod):
     def relation_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total = student_logits.new_zeros(())
         for s_tap, t_tap in self.pairs:
             total = total + self.relation_loss(mean_feature(branches[s_tap]), teacher_feats[t_tap].detach())
@@ -171,9 +194,13 @@ def sp_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def rkd_loss(student: torch.Tensor, teacher: torch.Tensor, distance_weight: float = 25.0,
              angle_weight: float = 50.0) -> torch.Tensor:
     """Relational KD (Park et al., 2019) on the embeddings: Huber loss between the pairwise distances (each set
-    divided by its mean non-zero distance) plus Huber loss between the cosines of the angles of all triplets."""
+    divided by its mean non-zero distance) plus Huber loss between the cosines of the angles of all triplets.
+
+    The distances are taken from the differences themselves: above 25 rows ``cdist``'s default matrix-product form
+    leaves rounding noise on the self-distances (24 of 64 positive at batch 64), which entered the mean and the
+    loss; this way they are exactly 0, as in the published implementation."""
     def distances(x: torch.Tensor) -> torch.Tensor:
-        d = torch.cdist(x, x)
+        d = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
         return d / d[d > 0].mean()
 
     def angles(x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +282,7 @@ class VID(PairedFeatureMethod):
         raw = torch.log(torch.expm1(torch.tensor(self.init_variance)))  # softplus(raw) = init_variance
         self.raw_variances = nn.ParameterList(nn.Parameter(torch.full((ts[0],), raw.item())) for *_, ts in pairs)
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total = student_logits.new_zeros(())
         for i, (s_tap, t_tap) in enumerate(self.pairs):
             student = mean_feature(branches[s_tap])
@@ -316,7 +343,7 @@ class OFD(PairedFeatureMethod):
             margin.mul_(0.9).add_(0.1 * negative_mean(teacher))
         return margin
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total = student_logits.new_zeros(())
         for i, (s_tap, t_tap) in enumerate(self.pairs):
             estimate = self.projectors[i](mean_feature(branches[s_tap])).float()
@@ -381,7 +408,7 @@ class ReviewKD(PairedFeatureMethod):
         self.fusions = nn.ModuleList(AttentionBasedFusion(ss[0], self.mid_channels, ts[0], fuse=i > 0)
                                      for i, (_, _, ss, ts) in enumerate(pairs))
 
-    def losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches, teacher_feats, **_: Any) -> dict[str, torch.Tensor]:
         total, deeper = student_logits.new_zeros(()), None
         for i, (s_tap, t_tap) in enumerate(self.pairs):  # deepest first
             output, deeper = self.fusions[i](mean_feature(branches[s_tap]), deeper)

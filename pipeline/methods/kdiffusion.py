@@ -5,10 +5,12 @@ Per distillation point the student layer has ``m`` parallel linear branches
 are the student features of a ``m``-step diffusion reverse process that ends
 at the teacher feature ``t``. Two forms of the chain (option ``chain``):
 
-- ``poster`` (the paper's, eqs. 3-7 and 10): the chain starts from the
-  averaged student features (eq. 10 reads them as the noisy end ``x_n``);
+- ``poster`` (the paper's, eqs. 3-7 and 10): the chain starts where the
+  reverse process does, at the teacher's forward-noised state at ``tau_0 = N``
+  (eq. 5: ``a_N t + b_N sigma_S eps``, nearly pure noise, ``a_N = 0.006``);
   step ``k`` is the weighted sum ``mu_k = u_k x_{k-1} + v_k p_{pi(k)}`` of the
-  previous state and the next shuffled branch (eq. 7), and its loss is the
+  previous state and the next shuffled branch (eq. 7), so it depends on the
+  first ``k`` branches of the order only, and its loss is the
   Gaussian negative log-likelihood (eq. 1) of the teacher's forward-noised
   state ``x^T_{tau_k} = a_{tau_k} t + b_{tau_k} sigma_S eps`` (eq. 5) under
   ``N(mu_k, sigma_k^2)``, ``sigma_k^2 = max(w_k, var_floor) sigma_S^2``.
@@ -30,9 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.methods.base import FeaturePair, check, register_method
-from pipeline.methods.diffusion import gaussian_nll, reverse_steps
+from pipeline.methods.diffusion import ReverseSteps, gaussian_nll, reverse_steps
 from pipeline.methods.feature import PairedFeatureMethod, match_size
-from pipeline.methods.logit import kd_divergence
 
 LEARNED_VARIANCE_INIT = -4.0  # softplus(-4) = 0.018: the learned part starts small against the floor
 
@@ -42,7 +43,7 @@ class KDiffusion(PairedFeatureMethod):
     def __init__(self, chain: str = "poster", variance: str = "fixed", var_floor: float = 0.1,
                  weights: str = "uniform", shuffle: bool = True, guided: bool = False,
                  normalize_teacher: bool = False, lambda_diff: float = 1.0, lambda_guided: float = 1.0,
-                 lambda_kd: float = 0.0, kd_temperature: float = 4.0, schedule: str = "linear", N: int = 1000,
+                 schedule: str = "linear", N: int = 1000,
                  snr_cap: float | None = None, align: str = "pool", diff_warmup: float = 0.0, **options: Any):
         super().__init__(**options)
         check(chain in ("poster", "reduced"), f"chain must be poster or reduced (got {chain})")
@@ -51,17 +52,16 @@ class KDiffusion(PairedFeatureMethod):
         check(schedule in ("linear", "cosine"), f"schedule must be linear or cosine (got {schedule})")
         check(align in ("pool", "resize"), f"align must be pool or resize (got {align})")
         for name, value in (("lambda_diff", lambda_diff), ("lambda_guided", lambda_guided),
-                            ("lambda_kd", lambda_kd), ("diff_warmup", diff_warmup)):
+                            ("diff_warmup", diff_warmup)):
             check(value >= 0, f"{name} must be >= 0 (got {value})")
         check(var_floor > 0, f"var_floor must be > 0 (got {var_floor})")
         check(int(N) >= 2, f"N must be >= 2 (got {N})")
         check(snr_cap is None or snr_cap > 0, f"snr_cap must be > 0 (got {snr_cap})")
-        check(kd_temperature > 0, f"kd_temperature must be > 0 (got {kd_temperature})")
         self.chain, self.variance, self.var_floor = chain, variance, float(var_floor)
         self.weights, self.shuffle, self.guided = weights, bool(shuffle), bool(guided)
         self.normalize_teacher, self.align = bool(normalize_teacher), align
-        self.lambda_diff, self.lambda_guided, self.lambda_kd = float(lambda_diff), float(lambda_guided), float(lambda_kd)
-        self.kd_temperature, self.schedule, self.N, self.snr_cap = float(kd_temperature), schedule, int(N), snr_cap
+        self.lambda_diff, self.lambda_guided = float(lambda_diff), float(lambda_guided)
+        self.schedule, self.N, self.snr_cap = schedule, int(N), snr_cap
         self.diff_warmup = float(diff_warmup)
         self.last_orders: list[list[int]] = []
 
@@ -74,11 +74,11 @@ class KDiffusion(PairedFeatureMethod):
         self.register_buffer("omega", steps.omega.float())
         self.register_buffer("u", steps.u.float())
         self.register_buffer("v", steps.v.float())
-        # the poster chain's step variance (relative to sigma_S^2): the posterior's w_k, floored (w_m = 0)
-        floor = steps.w if self.chain == "poster" else torch.ones(m, dtype=torch.float64)
-        self.register_buffer("step_var", floor.clamp_min(self.var_floor).float())
+        self.register_buffer("step_var", step_variances(steps, self.chain, self.var_floor).float())
         self.register_buffer("signal", abar[1:].sqrt().float())  # a_{tau_k}, k = 1..m
         self.register_buffer("noise", (1 - abar[1:]).clamp_min(0).sqrt().float())  # b_{tau_k}
+        # the chain's start, the state at tau_0 = N (constants, kept out of the state dict)
+        self.start_signal, self.start_noise = float(abar[0].sqrt()), float((1 - abar[0]).sqrt())
         n = len(pairs)
         self.register_buffer("s2", torch.ones(n))
         self.register_buffer("initialised", torch.zeros(n, dtype=torch.bool))
@@ -90,6 +90,10 @@ class KDiffusion(PairedFeatureMethod):
         if self.variance == "learned":  # per point: (step, channel), the learned excess over the floor
             self.extra_var = nn.ParameterList(nn.Parameter(torch.full((m, ts[0]), LEARNED_VARIANCE_INIT))
                                               for *_, ts in pairs)
+
+    def no_weight_decay(self) -> set[str]:
+        """The learned variance is a likelihood parameter, not a weight: no weight decay (the engine reads this)."""
+        return {name for name, _ in self.named_parameters() if name.startswith("extra_var.")}
 
     # --------------------------------------------------------------------------------- statistics
 
@@ -137,23 +141,31 @@ class KDiffusion(PairedFeatureMethod):
             var = var + s2 * F.softplus(self.extra_var[i]).view(self.m, 1, -1, 1, 1)
         return var
 
+    def chain_states(self, projected: list[torch.Tensor], order: list[int], target: torch.Tensor,
+                     s2: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each step's student mean and the target it is scored against. ``poster``: the chain from the teacher's
+        state at ``tau_0`` through the shuffled branches (eq. 7), against the teacher's state at each ``tau_k``
+        (eq. 5), every state freshly noised; ``reduced``: running means against the clean teacher."""
+        features = [projected[j] for j in order]
+        if self.chain == "reduced":
+            return running_means(features), [target] * len(features)
+        scale = s2.sqrt()
+        start = forward_noised(target, self.start_signal, self.start_noise * scale)
+        goals = [forward_noised(target, self.signal[k], self.noise[k] * scale) for k in range(len(features))]
+        return poster_chain(start, features, self.u, self.v), goals
+
     def chain_loss(self, i: int, projected: list[torch.Tensor], order: list[int], target: torch.Tensor,
                    s2: torch.Tensor) -> torch.Tensor:
         """The weighted sum over steps of each step's Gaussian NLL (means over elements)."""
         var = self.variances(i, s2)
-        if self.chain == "reduced":
-            means, goals = running_means([projected[j] for j in order]), [target] * len(order)
-        else:
-            means, goals = poster_chain(projected, order, self.u, self.v), []
-            for k in range(len(order)):  # eq. (5): the teacher's state at tau_k, freshly noised
-                goals.append(self.signal[k] * target + self.noise[k] * s2.sqrt() * standard_noise(target))
+        means, goals = self.chain_states(projected, order, target, s2)
         return sum(w * gaussian_nll(goal, mean, var[k]).mean()
                    for k, (w, goal, mean) in enumerate(zip(self.omega, goals, means)))
 
     # --------------------------------------------------------------------------------- the loss
 
-    def losses(self, *, student_logits, labels, teacher_logits=None, branches=None, teacher_feats=None,
-               **_: Any) -> dict[str, torch.Tensor]:
+    def feature_losses(self, *, student_logits, labels, branches=None, teacher_feats=None,
+                       **_: Any) -> dict[str, torch.Tensor]:
         out = {"ce": self.cross_entropy(student_logits, labels)}
         diff_total, guided_total = student_logits.new_zeros(()), student_logits.new_zeros(())
         self.last_orders = []
@@ -177,8 +189,6 @@ class KDiffusion(PairedFeatureMethod):
         out["diff"] = ramp * self.lambda_diff * diff_total
         if guided_points:
             out["guided"] = self.lambda_guided * guided_total
-        if self.lambda_kd > 0 and teacher_logits is not None:
-            out["kd"] = self.lambda_kd * kd_divergence(student_logits, teacher_logits, self.kd_temperature)
         return out
 
 
@@ -198,14 +208,43 @@ def running_means(features: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def poster_chain(projected: list[torch.Tensor], order: list[int], u: torch.Tensor,
+def forward_noised(target: torch.Tensor, signal: torch.Tensor | float, noise: torch.Tensor | float) -> torch.Tensor:
+    """Eq. (5): a draw of the teacher's state ``a t + b sigma_S eps`` (``noise`` is ``b sigma_S``)."""
+    return signal * target + noise * standard_noise(target)
+
+
+def poster_chain(start: torch.Tensor, features: list[torch.Tensor], u: torch.Tensor,
                  v: torch.Tensor) -> list[torch.Tensor]:
-    """The student's reverse chain (eqs. 7, 10): ``x_0 = mean_j p_j``, ``x_k = u_k x_{k-1} + v_k p_{pi(k)}``."""
-    state, states = torch.stack(projected).mean(0), []
-    for k, j in enumerate(order):
-        state = u[k] * state + v[k] * projected[j]
+    """The student's reverse chain (eq. 7): ``x_0 = start``, ``x_k = u_k x_{k-1} + v_k f_k`` for the features in
+    chain order, so ``x_k`` depends on the first ``k`` of them only."""
+    state, states = start, []
+    for k, feature in enumerate(features):
+        state = u[k] * state + v[k] * feature
         states.append(state)
     return states
+
+
+def step_variances(steps: ReverseSteps, chain: str, var_floor: float) -> torch.Tensor:
+    """Each step's likelihood variance relative to sigma_S^2 (the floor of ``variance=learned``): the poster
+    chain's posterior ``w_k``, floored (``w_m = 0``); the reduced chain's 1."""
+    variance = steps.w if chain == "poster" else torch.ones_like(steps.w)
+    return variance.clamp_min(var_floor)
+
+
+def fused_curvature(m: int, chain: str = "poster", weights: str = "uniform", var_floor: float = 0.1,
+                    schedule: str = "linear", N: int = 1000, snr_cap: float | None = None) -> float:
+    """How hard one point's ``L_diff`` holds the fused (deployed) feature, in units of ``1 / sigma_S^2``: moving every
+    branch by the same ``delta`` moves step ``k``'s mean by ``c_k delta`` (``c_k = u_k c_{k-1} + v_k`` from
+    ``c_0 = 0`` on the poster chain, 1 on the reduced), so the loss's second derivative in ``delta`` (per element,
+    at the variance floor) is ``sum_k omega_k c_k^2 / var_k``. m = 4 by default: 2.83; m = 1 or
+    ``weights=last``: 10."""
+    steps = reverse_steps(m, N, schedule, weights, snr_cap)
+    one = torch.ones((), dtype=torch.float64)
+    if chain == "poster":
+        coefficients = torch.stack(poster_chain(0 * one, [one] * m, steps.u, steps.v))
+    else:
+        coefficients = torch.stack(running_means([one] * m))
+    return float((steps.omega * coefficients**2 / step_variances(steps, chain, var_floor)).sum())
 
 
 def linear_guidance(gap: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
