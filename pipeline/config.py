@@ -187,6 +187,8 @@ class ExportConfig(_Strict):
     int8_preset: Literal["mixed", "performance"] = Field("mixed", description="NNCF quantization preset")
     int8_max_drop: float = Field(1.0, ge=0, description="top-1 points INT8 may lose against the float export")
     int8_min_agreement: float = Field(97.0, ge=0, le=100, description="percent top-1 agreement with float")
+    int8_saturation_safe: bool = Field(True, description="7-bit INT8 weights, so that CPUs without VNNI (whose "
+                                       "int16 sums saturate) give the answers the gate checked")
     int8_confidence: float = Field(0.95, ge=0.5, lt=1, description="the INT8 gate fails a model only where this "
                                    "interval of its drop (or agreement) lies wholly beyond the limit")
     int8_eval_images: Optional[int] = Field(None, ge=1, description="test images of the INT8 gate (default: "

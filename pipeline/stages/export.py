@@ -278,7 +278,7 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
 def export_settings(e: ExportConfig) -> ExportSettings:
     """The export stage's settings from the config's ``export`` section."""
     int8 = (Int8Settings(e.calibration_images, e.int8_preset, e.int8_max_drop, e.int8_min_agreement,
-                         confidence=e.int8_confidence) if e.int8 else None)
+                         saturation_safe=e.int8_saturation_safe, confidence=e.int8_confidence) if e.int8 else None)
     return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
                           Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement), int8,
                           e.int8_eval_images)
