@@ -127,7 +127,7 @@ def decode_file(path: str | Path, color: str, crop: str = "none", side: int | No
         raise InputError(f"image {shown} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read image {shown}: {printable(exc)}") from None
-    except Exception as exc:  # Pillow's decoders raise many types on crafted files (DecompressionBombError, ...)
+    except Exception as exc:  # Pillow's decoders raise many types on crafted files (SyntaxError, struct.error...)
         raise InputError(f"cannot read image {shown}: {type(exc).__name__}: {printable(exc)}") from None
     return crop_shorter_side(pixels, side) if cropping and side else pixels
 

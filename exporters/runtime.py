@@ -3,7 +3,9 @@
 This is the piece an edge user copies: it needs numpy, Pillow and either
 onnxruntime (``.onnx``) or openvino (``.xml``), not torch and not the rest of
 this project (only the torch-free modules :mod:`exporters.metadata`, :mod:`exporters.errors`,
-:mod:`exporters.sessions` and :mod:`exporters.formats`).
+:mod:`exporters.sessions`, :mod:`exporters.formats`, :mod:`exporters.preprocess` and :mod:`exporters.files`).
+Model files and images are treated as hostile: the metadata is validated against the graph
+(:func:`exporters.metadata.validate`) and images are held to a pixel budget (docs/device-inputs.md).
 
     clf = Classifier("model.onnx")
     for p in clf.classify(["shoe.png"]):
