@@ -3,24 +3,43 @@
     python -m exporters predict --model model.onnx IMAGE...     # the same answers as `pipeline predict`
     python -m exporters verify EXPORT_DIR                       # the same checks as `pipeline verify`
 
-Exit codes as the pipeline's: 2 bad input (missing or unreadable files), 3 a file that differs from its manifest.
+Exit codes as the pipeline's: 2 bad input (missing, unreadable or malformed files, metadata or images; a usage
+error), 3 a file that differs from its manifest or lies in the folder unlisted, 130 SIGINT, 143 SIGTERM.
 """
-from __future__ import annotations
-
-import argparse
-import json
+# No `from __future__` import and nothing but os and sys (both loaded before any of this runs) until the working
+# directory has left sys.path: any other import could be a module planted there.
+import os
 import sys
-from collections.abc import Sequence
 
-from exporters.errors import ExporterError
+
+def _drop_working_directory() -> None:
+    """``python -m exporters`` puts the working directory first on ``sys.path``: a ``numpy.py`` planted among the
+    images there would run as numpy. The package itself is imported by now, so the entry goes (as with
+    ``PYTHONSAFEPATH=1``, which the runtime image also sets; only that one also keeps a planted ``exporters/``
+    folder out)."""
+    if sys.flags.safe_path or not sys.path:
+        return
+    first = sys.path[0]
+    if first in ("", ".") or os.path.realpath(first) == os.path.realpath(os.getcwd()):
+        del sys.path[0]
+
+
+if __name__ == "__main__":
+    _drop_working_directory()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from exporters.errors import ExporterError, handle_sigterm, interruption  # noqa: E402
 
 
 def _predict(args: argparse.Namespace) -> int:
     from exporters.runtime import Classifier, format_prediction
 
     failures: list[tuple[str, str]] = []
-    predictions = Classifier(args.model, threads=args.threads).classify(args.images, top_k=args.top_k,
-                                                                      failures=failures)
+    classifier = Classifier(args.model, threads=args.threads, max_pixels=args.max_pixels)
+    predictions = classifier.classify(args.images, top_k=args.top_k, failures=failures)
     for p in predictions:
         print(format_prediction(p, args.json))
     for _, reason in failures:
@@ -47,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     predict.add_argument("--model", required=True, help="model.onnx, model_int8.onnx or an OpenVINO .xml")
     predict.add_argument("--top-k", type=int, default=1, help="classes shown per image (default 1)")
     predict.add_argument("--json", action="store_true", help="one JSON object per image")
-    predict.add_argument("--threads", type=int, help="inference threads")
+    predict.add_argument("--threads", type=int, help="inference threads (capped at the usable cores)")
+    predict.add_argument("--max-pixels", type=int, help="refuse images whose header declares more pixels "
+                         "(default: max(16777216, 64 x the model's input pixels))")
     predict.add_argument("images", nargs="+")
     predict.set_defaults(run=_predict)
     verify = commands.add_parser("verify", help="check a copied export folder: hashes, metadata, one inference")
@@ -57,11 +78,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "top_k", 1) < 1:
         parser.error("--top-k must be >= 1")
+    handle_sigterm()
     try:
         return args.run(args)
     except ExporterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (exporters.errors.Terminated)
+        word, code = interruption(exc)
+        print(word, file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

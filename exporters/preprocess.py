@@ -21,6 +21,7 @@ Steps, in order:
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,11 +29,22 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from exporters.errors import InputError
+from exporters.errors import InputError, printable
+from exporters.files import open_regular
 
 COLORS = ("grey", "rgb")
 CROPS = ("none", "shorter-side-centre")
 BIT_DEPTH_RULE = "8-bit; 16/32-bit integer pixels / 257 (rounded), float pixels clipped to 0..255; alpha dropped"
+# The runtime's pixel budget: an image that declares more pixels in its header is refused before it is decoded
+# (a 2 MB PNG can declare 50000 x 50000). Derived from the model's input: max(MIN_PIXEL_BUDGET, PIXELS_PER_INPUT x
+# H x W); 16.7 M pixels (a 4096 x 4096 photo, about 50 MB decoded) for any input up to 512 x 512.
+MIN_PIXEL_BUDGET = 4096 * 4096
+PIXELS_PER_INPUT = 64
+
+
+def pixel_budget(height: int, width: int) -> int:
+    """The most pixels the runtime decodes for a model whose input is ``height`` x ``width`` (see above)."""
+    return max(MIN_PIXEL_BUDGET, PIXELS_PER_INPUT * height * width)
 
 
 def spec(*, color: str, crop: str, size: tuple[int, int], channels: int, mean: list[float],
@@ -67,29 +79,65 @@ def decode(image: Image.Image, color: str) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
+def crop_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """The size :func:`crop_shorter_side` resizes a ``width`` x ``height`` image to before cutting the square."""
+    scale = side / min(width, height)
+    return max(side, round(width * scale)), max(side, round(height * scale))
+
+
 def crop_shorter_side(pixels: np.ndarray, side: int) -> np.ndarray:
     """Resize the shorter side to ``side`` (bilinear, 8-bit) and cut out the centre square."""
     h, w, c = pixels.shape
     image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
-    scale = side / min(w, h)
-    image = image.resize((max(side, round(w * scale)), max(side, round(h * scale))), Image.BILINEAR)
+    image = image.resize(crop_size(w, h, side), Image.BILINEAR)
     w, h = image.size
     left, top = (w - side) // 2, (h - side) // 2
     array = np.asarray(image.crop((left, top, left + side, top + side)), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def decode_file(path: str | Path, color: str, crop: str = "none", side: int | None = None) -> np.ndarray:
-    """An image file -> uint8 H x W x C; an unreadable file is an InputError naming it."""
+def decode_file(path: str | Path, color: str, crop: str = "none", side: int | None = None,
+                max_pixels: int | None = None) -> np.ndarray:
+    """An image file -> uint8 H x W x C; an unreadable file is an InputError naming it.
+
+    Only a regular file is opened (a FIFO would block, a device never end). ``max_pixels``: the budget (see
+    :func:`pixel_budget`) that the size declared in the header, and the size a crop resizes to, must stay within;
+    it is checked before any pixel is decoded."""
+    shown = printable(path)
+    cropping = crop == "shorter-side-centre" and bool(side)
     try:
-        with Image.open(path) as image:
+        with open_regular(path, "image") as handle, _quiet_open(handle) as image:
+            width, height = image.size
+            if max_pixels is not None:
+                needed = width * height
+                if cropping and min(width, height) > 0:  # a 1 x 100000 strip resizes to 32 x 3.2 M
+                    crop_width, crop_height = crop_size(width, height, side)
+                    needed = max(needed, crop_width * crop_height)
+                if needed > max_pixels:
+                    raise InputError(f"image {shown} is {width}x{height} pixels: over the pixel budget of "
+                                     f"{max_pixels} (--max-pixels); refused before decoding")
             image.load()
             pixels = decode(image, color)
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise InputError(f"image {shown} declares over {2 * Image.MAX_IMAGE_PIXELS} pixels (Pillow's limit): over the "
+                         "pixel budget; refused before decoding") from None
     except FileNotFoundError:
-        raise InputError(f"image {path} does not exist") from None
+        raise InputError(f"image {shown} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from None
-    return crop_shorter_side(pixels, side) if crop == "shorter-side-centre" and side else pixels
+        raise InputError(f"cannot read image {shown}: {printable(exc)}") from None
+    except Exception as exc:  # Pillow's decoders raise many types on crafted files (SyntaxError, struct.error...)
+        raise InputError(f"cannot read image {shown}: {type(exc).__name__}: {printable(exc)}") from None
+    return crop_shorter_side(pixels, side) if cropping and side else pixels
+
+
+def _quiet_open(handle: Any) -> Image.Image:
+    """``Image.open`` without Pillow's DecompressionBombWarning (a multi-line warning on stderr): the pixel budget
+    is checked right after, from the same header."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(handle)
 
 
 def fit(pixels: np.ndarray, size: tuple[int, int], channels: int) -> np.ndarray:

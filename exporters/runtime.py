@@ -3,7 +3,9 @@
 This is the piece an edge user copies: it needs numpy, Pillow and either
 onnxruntime (``.onnx``) or openvino (``.xml``), not torch and not the rest of
 this project (only the torch-free modules :mod:`exporters.metadata`, :mod:`exporters.errors`,
-:mod:`exporters.sessions` and :mod:`exporters.formats`).
+:mod:`exporters.sessions`, :mod:`exporters.formats`, :mod:`exporters.preprocess` and :mod:`exporters.files`).
+Model files and images are treated as hostile: the metadata is validated against the graph
+(:func:`exporters.metadata.validate`) and images are held to a pixel budget (docs/device-inputs.md).
 
     clf = Classifier("model.onnx")
     for p in clf.classify(["shoe.png"]):
@@ -12,6 +14,8 @@ this project (only the torch-free modules :mod:`exporters.metadata`, :mod:`expor
 from __future__ import annotations
 
 import json
+import logging
+import os
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +25,11 @@ import numpy as np
 
 from exporters import metadata as md
 from exporters import preprocess
-from exporters.errors import InputError
+from exporters.errors import InputError, printable
 from exporters.formats import open_artifact
 from exporters.sessions import RuntimeOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,34 +45,36 @@ class Classifier:
     """An ONNX (onnxruntime) or OpenVINO IR model with the preprocessing its metadata describes."""
 
     def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu",
-                 precision: str | None = "f32"):
+                 precision: str | None = "f32", max_pixels: int | None = None):
         """``precision``: OpenVINO's inference precision; f32 is what the export gates verified (None: the
-        device's default, e.g. bf16 on CPUs with AMX, which shifts probabilities)."""
+        device's default, e.g. bf16 on CPUs with AMX, which shifts probabilities). ``max_pixels``: the most pixels
+        an image may declare (default :func:`exporters.preprocess.pixel_budget` of the model's input size)."""
         self.path = Path(model_path)
         if not self.path.is_file():
-            raise InputError(f"model file {self.path} does not exist")
-        options = RuntimeOptions(threads=threads, device=device.lower(), latency=True, precision=precision)
+            raise InputError(f"model file {printable(self.path)} does not exist")
+        if max_pixels is not None and max_pixels < 1:
+            raise InputError(f"--max-pixels must be >= 1, got {max_pixels}")
+        options = RuntimeOptions(threads=bounded_threads(threads), device=device.lower(), latency=True,
+                                 precision=precision)
         self._session = open_artifact(self.path, options)
         self.meta = self._session.metadata
-        missing = md.missing_keys(self.meta)
-        if missing:
-            raise InputError(f"{self.path} carries no pipeline metadata ({', '.join(missing)} missing); "
-                             "export it with `pipeline export`")
-        self.channels, self.height, self.width = (int(v) for v in self.meta["input_size"])
+        md.validate(self.meta, self._session.input_shape, self._session.output_shape, str(self.path))
+        self.channels, self.height, self.width = self.meta["input_size"]
         self.classes: list[str] = list(self.meta["classes"])
         # artifacts exported before the metadata carried its preprocessing: RGB, no crop (what the runtime did)
         self.preprocessing = self.meta.get("preprocessing") or preprocess.spec(
             color="rgb", crop="none", size=(self.height, self.width), channels=self.channels, mean=self.meta["mean"],
             std=self.meta["std"])
+        self.max_pixels = max_pixels or preprocess.pixel_budget(self.height, self.width)
 
     # ------------------------------------------------------------------ preprocessing
     def load_image(self, path: str | Path) -> np.ndarray:
         """One image file -> C x H x W float32 pixels in [0, 255], prepared as the model's metadata says
         (:mod:`exporters.preprocess`: the same decoding and cropping training used)."""
         p = self.preprocessing
-        pixels = preprocess.decode_file(path, p["color"], p["crop"], self.height)
+        pixels = preprocess.decode_file(path, p["color"], p["crop"], self.height, self.max_pixels)
         if pixels.shape[-1] == 3 and self.channels == 1:
-            raise InputError(f"image {path} has 3 channels; the model takes 1")
+            raise InputError(f"image {printable(path)} has 3 channels; the model takes 1")
         return preprocess.fit(pixels, (self.height, self.width), self.channels)
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
@@ -91,7 +99,12 @@ class Classifier:
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw model outputs for an already preprocessed N x C x H x W batch."""
-        return self._session.run(self.check_input(batch))
+        batch = self.check_input(batch)
+        out = np.asarray(self._session.run(batch))
+        if out.shape != (len(batch), len(self.classes)):  # a graph whose output width is dynamic
+            raise InputError(f"{printable(self.path)} gave outputs of shape {out.shape} for {len(batch)} images; its "
+                             f"metadata names {len(self.classes)} classes")
+        return out
 
     def classify(self, images: Sequence[str | Path], top_k: int = 1, batch_size: int = 32,
                  failures: list[tuple[str, str]] | None = None) -> list[Prediction]:
@@ -107,7 +120,7 @@ class Classifier:
                 except InputError as exc:
                     if failures is None:
                         raise
-                    failures.append((str(source), str(exc)))
+                    failures.append((printable(source), str(exc)))
                     continue
                 chunk.append(source)
             if not chunk:
@@ -126,7 +139,22 @@ def format_prediction(p: Prediction, as_json: bool = False) -> str:
         return json.dumps({"image": p.source, "label": p.label, "index": p.index, "probability": p.probability,
                            "top": p.top})
     others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
-    return f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else "")
+    return f"{printable(p.source)}: {printable(p.label)} ({p.probability:.3f})" + (f"  [{printable(others)}]"
+                                                                                 if others else "")
+
+
+def bounded_threads(requested: int | None) -> int | None:
+    """``requested`` inference threads, capped at the cores this process may use (saying so when it caps):
+    5000 threads would spend minutes starting and thrashing."""
+    if requested is None:
+        return None
+    if requested < 1:
+        raise InputError(f"--threads must be >= 1, got {requested}")
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > available:
+        log.warning("--threads %d capped at %d: the cores this machine lets the process use", requested, available)
+        return available
+    return requested
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

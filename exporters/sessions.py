@@ -42,6 +42,8 @@ class Session:
     """A loaded model: ``run`` for the logits, ``bind`` for a timed call on a fixed input."""
 
     metadata: dict[str, Any]
+    input_shape: list[int | None]  # the graph's first input and output; None: a dynamic dimension
+    output_shape: list[int | None]
 
     def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
@@ -74,9 +76,15 @@ class OnnxRuntimeSession(Session):
             self.session = ort.InferenceSession(str(path), so, providers=[provider])
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
             raise InputError(f"onnxruntime cannot load {path}: {_first_line(exc)}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self.metadata = md.decode(self.session.get_modelmeta().custom_metadata_map)
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if not inputs or not outputs:
+            raise InputError(f"{path} has no input or no output")
+        self.input_name, self.output_name = inputs[0].name, outputs[0].name
+        self.input_shape, self.output_shape = _static(inputs[0].shape), _static(outputs[0].shape)
+        try:
+            self.metadata = md.decode(self.session.get_modelmeta().custom_metadata_map)
+        except UnicodeDecodeError:  # the file's metadata is not UTF-8 text
+            raise InputError(f"{path}: its metadata is not valid UTF-8 text; re-export it") from None
 
     def run_all(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {self.input_name: batch})
@@ -109,6 +117,9 @@ class OpenVINOSession(Session):
         except Exception as exc:  # OpenVINO raises generic errors for bad files
             raise InputError(f"OpenVINO cannot read {path}: {_first_line(exc)}") from None
         self.metadata = metadata_of(self.model)
+        self.input_shape = [d.get_length() if d.is_static else None for d in self.model.input(0).get_partial_shape()]
+        self.output_shape = [d.get_length() if d.is_static else None
+                             for d in self.model.output(0).get_partial_shape()]
         self.device = "GPU" if options.device == "cuda" else "CPU"
         self.config: dict[str, Any] = {}
         if options.latency:
@@ -142,6 +153,11 @@ class OpenVINOSession(Session):
         request = self._request_for(tuple(batch.shape))
         request.set_input_tensor(self._ov.Tensor(batch, shared_memory=True))
         return request.infer
+
+
+def _static(shape: Any) -> list[int | None]:
+    """ONNX Runtime's shape (ints, and names or None for dynamic dimensions) as ints and None."""
+    return [d if isinstance(d, int) and d >= 0 else None for d in shape]
 
 
 def metadata_of(model: Any) -> dict[str, Any]:

@@ -8,22 +8,36 @@ What a device-side user runs before trusting a folder they received
 2. every model file carries the metadata the manifest records;
 3. every model file loads in its runtime and maps a batch of the declared input shape
    to finite logits of the declared shape.
+
+The folder may have come over the network, so the manifest is not trusted: a listed path must be a regular file
+inside the folder (no ``..``, no absolute path, no link leaving it), a malformed manifest is one line (exit 2), and
+a file in the folder that the manifest does not list (a stale INT8 model, a planted external-data file) fails the
+check (exit 3) unless it is one of the export stage's own JSON records, which are reported as not checked.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import json
-from pathlib import Path
+import os
+import re
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from exporters.errors import GateFailedError, InputError
+from exporters import metadata as md
+from exporters.errors import GateFailedError, InputError, printable
+from exporters.files import open_regular
 from exporters.formats import format_of, format_names, get_format
 from exporters.sessions import RuntimeOptions
 
 MANIFEST = "manifest.json"
+# The export stage's own records beside the artifacts: JSON that no runtime loads, reported as not checked.
+RECORDS = (MANIFEST, "stage.json", "equivalence.json", "int8.json", "verify.json")
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # a real one is a few kB
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def file_sha256(path: Path) -> str:
@@ -35,32 +49,111 @@ def file_sha256(path: Path) -> str:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """``manifest.json``, checked for the shape verify relies on; anything else is one InputError line."""
     path = Path(folder) / MANIFEST
     try:
-        manifest = json.loads(path.read_text())
+        with open_regular(path, "manifest") as handle:
+            text = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise InputError(f"{printable(path)} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest of this "
+                             "pipeline")
+        manifest = json.loads(text)
+    except InputError:
+        raise
     except FileNotFoundError:
-        raise InputError(f"{path} does not exist: not an export folder (run `pipeline export`)") from None
+        raise InputError(f"{printable(path)} does not exist: not an export folder (run `pipeline export`)") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is unreadable: {exc}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list):
-        raise InputError(f"{path} has no list of artifacts")
+        raise InputError(f"{printable(path)} is unreadable: {printable(exc)}") from None
+    except RecursionError:
+        raise InputError(f"{printable(path)} is unreadable: nested too deeply") from None
+    check_manifest(manifest, printable(path))
     return manifest
+
+
+def check_manifest(manifest: Any, where: str) -> None:
+    """The fields verify reads: a non-empty list of artifacts, each a dict with a relative ``path`` (listed once),
+    an integer ``bytes`` and a hex ``sha256``; ``metadata`` a dict."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts"), list) or not manifest["artifacts"]:
+        raise InputError(f"{where} has no list of artifacts")
+    if not isinstance(manifest.get("metadata", {}), dict):
+        raise InputError(f"{where}: 'metadata' is not an object")
+    seen: set[str] = set()
+    for i, entry in enumerate(manifest["artifacts"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise InputError(f"{where}: artifact {i} is not an object with a 'path'")
+        name = entry["path"]
+        if not relative_inside(name):
+            raise InputError(f"{where}: artifact path '{printable(name)}' leaves the folder (absolute, '..', "
+                             "empty or not a plain relative path); refusing to read it")
+        if name in seen:
+            raise InputError(f"{where}: artifact '{printable(name)}' is listed twice")
+        seen.add(name)
+        size, digest = entry.get("bytes"), entry.get("sha256")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+                or not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise InputError(f"{where}: artifact '{printable(name)}' needs 'bytes' (an integer) and 'sha256' "
+                             "(64 hex digits)")
+
+
+def relative_inside(name: str) -> bool:
+    """A manifest path that can only name something inside the folder: relative, forward slashes, no ``..``,
+    ``.`` or empty parts, no NUL or backslash."""
+    parts = name.split("/")
+    return bool(name) and not PurePosixPath(name).is_absolute() and "\\" not in name and "\0" not in name \
+        and all(part not in ("", ".", "..") for part in parts)
+
+
+def listed_file(folder: Path, name: str) -> Path:
+    """``folder/name`` when it is a regular file whose real path lies inside the folder; InputError otherwise."""
+    root = Path(folder).resolve()
+    path = root / name
+    try:
+        real = path.resolve(strict=True)
+        mode = os.stat(real).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{printable(path)} is listed in {MANIFEST} but does not exist") from None
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of links
+        raise InputError(f"{printable(path)} is listed in {MANIFEST} but cannot be read: {printable(exc)}") from None
+    if not real.is_relative_to(root):
+        raise InputError(f"{printable(path)} is a link that leaves the folder; refusing to read it")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{printable(path)} is listed in {MANIFEST} but is not a regular file")
+    return real
 
 
 def check_hashes(folder: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every listed artifact against its recorded size and sha256; raises on the first that differs."""
     rows = []
     for entry in manifest["artifacts"]:
-        path = Path(folder) / entry["path"]
-        if not path.is_file():
-            raise InputError(f"{path} is listed in {MANIFEST} but does not exist")
+        path = listed_file(folder, entry["path"])
         size, digest = path.stat().st_size, file_sha256(path)
-        if size != entry.get("bytes") or digest != entry.get("sha256"):
-            raise GateFailedError(f"{path} does not match {MANIFEST}: sha256 {digest[:16]}... ({size} bytes), "
-                                  f"recorded {str(entry.get('sha256'))[:16]}... ({entry.get('bytes')} bytes); "
-                                  "the file was corrupted or replaced: copy it again or re-export")
+        if size != entry["bytes"] or digest != entry["sha256"]:
+            raise GateFailedError(f"{printable(Path(folder) / entry['path'])} does not match {MANIFEST}: sha256 "
+                                  f"{digest[:16]}... ({size} bytes), recorded {entry['sha256'][:16]}... "
+                                  f"({entry['bytes']} bytes); the file was corrupted or replaced: copy it again or "
+                                  "re-export")
         rows.append({"path": entry["path"], "bytes": size, "sha256": digest, "ok": True})
     return rows
+
+
+def unlisted_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """The export stage's records in the folder (not checked); raises on any other file the manifest does not
+    list: a runtime might load it (an ONNX external-data file, a stale INT8 model) although nothing vouches for it."""
+    listed = {entry["path"] for entry in manifest["artifacts"]}
+    records, others = [], []
+    for top, dirs, files in os.walk(folder):  # links are not followed: a linked folder is one unlisted entry
+        below = Path(top).relative_to(folder)
+        for name in sorted(files) + sorted(d for d in dirs if os.path.islink(os.path.join(top, d))):
+            relative = (below / name).as_posix()
+            if relative in listed or relative == MANIFEST:
+                continue
+            (records if relative in RECORDS else others).append(relative)
+    if others:
+        shown = ", ".join(printable(name) for name in others[:5]) + (f" and {len(others) - 5} more"
+                                                                     if len(others) > 5 else "")
+        raise GateFailedError(f"{printable(folder)} holds files that {MANIFEST} does not list: {shown}; a stale or "
+                              "planted file (a runtime may load it): remove it, copy the folder again or re-export")
+    return records
 
 
 def model_files(manifest: dict[str, Any]) -> list[str]:
@@ -72,13 +165,25 @@ def model_files(manifest: dict[str, Any]) -> list[str]:
 def smoke_inference(path: Path, meta: dict[str, Any], batch: int = 2) -> dict[str, Any]:
     """One batch of the declared input shape through the model: finite logits of the declared shape."""
     session = format_of(path).open(path, RuntimeOptions(precision="f32"))
-    shape = (batch, *(int(v) for v in meta["input_size"]))
+    md.validate(meta, session.input_shape, session.output_shape, str(path))
+    shape = (batch, *meta["input_size"])
     logits = np.asarray(session.run(np.random.default_rng(0).standard_normal(shape, dtype=np.float32)))
     expected = (batch, len(meta["classes"]))
     if logits.shape != expected or not np.isfinite(logits).all():
         raise GateFailedError(f"{path}: a {shape} input gave logits of shape {logits.shape} "
                               f"({'finite' if np.isfinite(logits).all() else 'not finite'}); expected {expected}")
     return {"path": str(path), "input_shape": list(shape), "output_shape": list(logits.shape)}
+
+
+def read_metadata(fmt: Any, path: Path) -> dict[str, Any]:
+    """The metadata a listed model file carries; a file its parser rejects (any error type) is one line."""
+    try:
+        return fmt.read_metadata(path)
+    except InputError:
+        raise
+    except Exception as exc:  # onnx, protobuf and OpenVINO raise their own types (DecodeError, UnicodeDecodeError...)
+        raise InputError(f"cannot read the metadata of {printable(path)}: "
+                         f"{printable((str(exc).strip().splitlines() or [type(exc).__name__])[0])}") from None
 
 
 def installed(module: str) -> bool:
@@ -93,6 +198,7 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     manifest = read_manifest(folder)
     hashes = check_hashes(folder, manifest)
+    records = unlisted_files(folder, manifest)
     shared_meta = manifest.get("metadata", {})
     own = {a["path"]: {"quantization": a["quantization"]} for a in manifest.get("artifacts", []) if "quantization" in a}
     smoke, unchecked = [], []
@@ -102,15 +208,17 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
         if not installed(fmt.runtime):  # e.g. a device image with ONNX Runtime alone
             unchecked.append({"path": str(path), "reason": f"{fmt.runtime} is not installed here"})
             continue
-        meta, expected_meta = fmt.read_metadata(path), {**shared_meta, **own.get(name, {})}
+        meta, expected_meta = read_metadata(fmt, path), {**shared_meta, **own.get(name, {})}
         if meta != expected_meta:
             differing = sorted(k for k in set(meta) | set(expected_meta) if meta.get(k) != expected_meta.get(k))
-            raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in {', '.join(differing)}")
+            raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in "
+                                  f"{printable(', '.join(map(str, differing)))}")
         smoke.append(smoke_inference(path, meta))
     if not smoke:
         raise InputError(f"{folder}: no model in {MANIFEST} can be opened here: "
                          + "; ".join(f"{u['path']}: {u['reason']}" for u in unchecked))
-    return {"folder": str(folder), "artifacts": hashes, "models": smoke, "unchecked": unchecked, "passed": True}
+    return {"folder": str(folder), "artifacts": hashes, "models": smoke, "unchecked": unchecked, "records": records,
+            "passed": True}
 
 
 def format_report(report: dict[str, Any], folder: str | Path) -> str:
@@ -119,4 +227,6 @@ def format_report(report: dict[str, Any], folder: str | Path) -> str:
     lines += [f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits"
               for row in report["models"]]
     lines += [f"--  {row['path']}: sha256 checked; not opened ({row['reason']})" for row in report.get("unchecked", [])]
+    lines += [f"--  {name}: a record of the export stage (JSON no runtime loads); not checked"
+              for name in report.get("records", [])]
     return "\n".join(lines + [f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)"])

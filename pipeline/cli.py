@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from exporters.errors import handle_sigterm, interruption
 from exporters.formats import format_names
 from pipeline.config import BenchConfig, ExportConfig, FuseConfig
 from pipeline.errors import FAILURES, BadInputError, storage_error
@@ -160,9 +161,10 @@ def handle_errors(func: Callable) -> Callable:
                 raise
             click.echo(f"error: {one_line(failure)}", err=True)
             sys.exit(failure.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted; rerun the same command to resume", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM (exporters.errors.Terminated)
+            word, code = interruption(exc)
+            click.echo(f"{word}; rerun the same command to resume", err=True)
+            sys.exit(code)
         finally:
             if "torch.distributed" in sys.modules:  # predict and verify never load torch: keep it that way
                 from pipeline.training.distributed import shutdown_distributed
@@ -231,6 +233,7 @@ def main(debug: bool, log_level: str) -> None:
     Each stage is a subcommand reading and writing one run directory; `run` chains them.
     """
     _setup_logging("debug" if debug else log_level)
+    handle_sigterm()
 
 
 def _config(params: dict[str, Any], *groups, models: dict[str, str | None] | None = None,
@@ -465,10 +468,13 @@ def bench(run_dir: str, **params: Any) -> None:
               help="exported model: RUN_DIR/export/model.onnx or an OpenVINO .xml")
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(min=1), help="classes shown per image")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per image")
-@click.option("--threads", type=click.IntRange(min=1), help="inference threads")
-@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--threads", type=click.IntRange(min=1), help="inference threads (capped at the usable cores)")
+@click.option("--max-pixels", type=click.IntRange(min=1), help="refuse images whose header declares more pixels "
+              "(default: max(16777216, 64 x the model's input pixels))")
+@click.argument("images", nargs=-1, required=True)
 @handle_errors
-def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, images: tuple[str, ...]) -> None:
+def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, max_pixels: int | None,
+            images: tuple[str, ...]) -> None:
     """Classify image files with an exported model, preprocessed as its metadata says.
 
     An image that cannot be read is reported on stderr and the others are still classified; the exit code is
@@ -476,7 +482,8 @@ def predict(model_path: str, top_k: int, as_json: bool, threads: int | None, ima
     from exporters.runtime import Classifier, format_prediction
 
     failures: list[tuple[str, str]] = []
-    predictions = Classifier(model_path, threads=threads).classify(list(images), top_k=top_k, failures=failures)
+    classifier = Classifier(model_path, threads=threads, max_pixels=max_pixels)
+    predictions = classifier.classify(list(images), top_k=top_k, failures=failures)
     for p in predictions:
         click.echo(format_prediction(p, as_json))
     for source, reason in failures:
@@ -495,12 +502,12 @@ def verify(path: str, as_json: bool) -> None:
     a run directory. Needs no torch. Exit codes: 2 missing or unreadable files, 3 a file that differs."""
     import json
 
-    from exporters.verify import MANIFEST, format_report, verify_export
+    from exporters.verify import format_report, verify_export
 
     from pipeline.layout import RunLayout
 
     folder, run = Path(path), RunLayout(path)
-    if not (folder / MANIFEST).exists() and run.export.manifest.exists():
+    if run.export.manifest.is_file():  # a run directory: its own manifest.json records stages, not artifacts
         folder = run.export.path
     report = verify_export(folder)
     if as_json:

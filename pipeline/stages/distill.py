@@ -9,6 +9,7 @@ teacher into ``RUN_DIR/baseline/student/``, for the report's comparison.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import replace
@@ -26,7 +27,7 @@ from pipeline.methods import KDMethod, create_method, get_method, method_setting
 from pipeline.stages.base import (TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_fingerprint_excludes,
                                   data_settings, prepare_data, train_stage)
 from pipeline.stages.loaders import load_teacher
-from pipeline.training.checkpoint import file_sha256, seed_everything
+from pipeline.training.checkpoint import seed_everything
 from pipeline.training.data import BatchPreprocessor, DataBundle
 from pipeline.training.distributed import DistContext
 from pipeline.training.tasks import DistillTask, FrozenTeacher
@@ -144,6 +145,16 @@ def distill_settings_hash(cfg: PipelineConfig, teacher_sha256: str | None, preci
     return settings_hash if precision == "fp32" else f"{settings_hash}-teacher-{precision}"
 
 
+def read_teacher(ckpt: Path | None) -> bytes | None:
+    """The teacher checkpoint's bytes (None: no teacher needed, or none there yet, which is reported later)."""
+    if ckpt is None or not ckpt.is_file():
+        return None
+    try:
+        return ckpt.read_bytes()
+    except OSError as exc:
+        raise BadInputError(f"cannot read the teacher checkpoint {ckpt}: {exc.strerror or exc}") from None
+
+
 def run_distill(run: StageRun) -> dict[str, Any]:
     """Run (or skip, or resume) the distillation; returns the student's metrics."""
     cfg, ctx = with_derived_settings(run.cfg), run.ctx
@@ -152,7 +163,8 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     ckpt = (Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model) if method_cls.needs_teacher else None
     stage = Stage(run.layout.student, "student")
     precision = teacher_precision(s.teacher_precision, ctx.device)
-    teacher_sha = file_sha256(ckpt) if ckpt is not None and ckpt.is_file() else None
+    teacher_bytes = read_teacher(ckpt)  # read once: the bytes hashed here are the bytes loaded below
+    teacher_sha = hashlib.sha256(teacher_bytes).hexdigest() if teacher_bytes is not None else None
     settings_hash = distill_settings_hash(cfg, teacher_sha, precision)
     if ckpt is None or teacher_sha is not None:  # a missing teacher is reported below, with what to run
         done = stage.skip_if_finished(settings_hash)
@@ -170,7 +182,8 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     teacher, teacher_info, sample = None, None, None
     if ckpt is not None:
         sample = sample_input(train, bundle, image_size, ctx)
-        teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size)
+        teacher_model, teacher_meta = load_teacher(ckpt, bundle, image_size, teacher_bytes)
+        teacher_bytes = None  # the weights live in the model now
         teacher_info = {"checkpoint": str(ckpt), "top1": teacher_meta.get("top1"), "model": teacher_meta["arch"]["name"],
                         **describe_teacher_precision(teacher_model, sample, ctx.device, precision)}
         teacher = FrozenTeacher(teacher_model, teacher_info["precision"], get_spec(teacher_info["model"]).taps)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
 import torch
@@ -259,6 +260,7 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
     proto = onnx.load(str(folder / ONNX_FILE), load_external_data=False)
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     c, h, w = meta["input_size"]
+    files = [*files, *external_data_files(folder, files)]  # the runtime loads them: verify must check them too
     return {
         "artifacts": [{"path": name, "bytes": (folder / name).stat().st_size,
                        "sha256": file_sha256(folder / name)} for name in files],
@@ -273,6 +275,24 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "openvino": openvino.__version__},
     }
+
+
+def external_data_files(folder: StageFolder, files: Sequence[str]) -> list[str]:
+    """The external-data files (``model.onnx.data``) the listed ONNX models load, relative to the folder."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data  # every tensor, subgraphs too
+
+    found: list[str] = []
+    for name in files:
+        if not name.endswith(".onnx"):
+            continue
+        for tensor in _get_all_tensors(onnx.load(str(folder / name), load_external_data=False)):
+            if uses_external_data(tensor):
+                location = next(e.value for e in tensor.external_data if e.key == "location")
+                relative = (PurePosixPath(name).parent / location).as_posix()
+                if relative not in files and relative not in found:
+                    found.append(relative)
+    return found
 
 
 def export_settings(e: ExportConfig) -> ExportSettings:

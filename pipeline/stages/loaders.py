@@ -41,9 +41,11 @@ STUDENT_KEYS = (*TRAINED_KEYS, "dataset", "classes", "mean", "std", "image_size"
 FUSED_KEYS = ("zoo_name", "architecture", "num_classes", "input_size", "classes", "mean", "std")
 
 
-def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_teacher(path: Path, bundle: DataBundle, image_size: int,
+                 data: bytes | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a finished teacher from its ``model.pt`` (any path, e.g. ``--teacher-ckpt``) and the
-    ``metrics.json`` of the stage folder beside it."""
+    ``metrics.json`` of the stage folder beside it; ``data``: the bytes of ``model.pt`` as the caller read and
+    hashed them (the file is not read again, so the teacher a record names is the one that was loaded)."""
     meta = read_sidecar(StageFolder(path.parent).metrics, TRAINED_KEYS, "train the teacher with `pipeline "
                         "teacher` or give --teacher-ckpt DIR/teacher/model.pt")
     arch = meta["arch"]
@@ -57,7 +59,7 @@ def load_teacher(path: Path, bundle: DataBundle, image_size: int) -> tuple[torch
     options = {k: arch[k] for k in ("window_per_stage", "drop_path") if k in arch and k in spec.options}
     try:
         model, _, _ = build_model(spec.name, arch["num_classes"], image_size, **options)
-        model.load_state_dict(load_checkpoint(path, "teacher checkpoint"), strict=True)
+        model.load_state_dict(load_checkpoint(path, "teacher checkpoint", data), strict=True)
     except (ModelError, RuntimeError) as exc:
         raise BadInputError(f"teacher checkpoint {path} does not match its metadata: "
                             f"{str(exc).splitlines()[0]}") from None

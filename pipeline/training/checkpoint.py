@@ -7,6 +7,7 @@ either the previous good checkpoint or the new one, never a torn file.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -79,13 +80,14 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def load_checkpoint(path: Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with a one-line error naming a missing or corrupt file."""
+def load_checkpoint(path: Path, what: str = "checkpoint", data: bytes | None = None) -> Any:
+    """``torch.load(weights_only=True)`` with a one-line error naming a missing or corrupt file. ``data``: the
+    file's bytes, already read (and hashed) by the caller, loaded instead of reading the file again."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise BadInputError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data) if data is not None else path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt archives and unpickling errors have many types
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise BadInputError(f"corrupt {what} {path}: {first} (delete it to start this stage over)") from None
