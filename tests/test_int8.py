@@ -12,8 +12,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,39 @@ def test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shipp
     assert {a["path"] for a in manifest["artifacts"]} == set(FLOAT_FILES)
     assert run_cli("verify", str(export)).returncode == 0  # the float artifacts are whole and shippable
     assert "float artifacts are up to date; only the INT8 step runs" in failed.stderr
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_an_int8_step_killed_half_way_leaves_the_float_artifacts_listed_alone(learned_run, stripes_root, tmp_path,
+                                                                              how):
+    """Killed while the new INT8 files are made (the old ones passed their gate), the folder holds the float
+    artifacts and a manifest that lists them alone: verify passes, nothing stale is left to ship; a rerun redoes
+    the INT8 step."""
+    run = clone_run(learned_run, tmp_path / "run")
+    export = run / "export"
+    args = ["export", "--run-dir", str(run), "--data-root", str(stripes_root), "--images", "16",
+            "--calibration-images", "64"]  # new INT8 settings: only the INT8 step runs
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not any(export.glob(".int8-*")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the INT8 step finished before it could be killed"
+        os.killpg(proc.pid, how)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    listed = {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]}
+    assert listed == set(FLOAT_FILES) and not any((export / name).exists() for name in INT8_FILES)
+    assert run_cli("verify", str(export)).returncode == 0
+    rerun = run_cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not any(export.glob(".int8-*")), "a killed step's scratch folder is cleared"
+    assert {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]} == set(
+        FLOAT_FILES + INT8_FILES)
+    assert run_cli("verify", str(export)).returncode == 0
 
 
 def test_no_int8_writes_no_int8_files(learned_run, tmp_path):

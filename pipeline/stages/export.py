@@ -19,6 +19,7 @@ float artifacts as they were, with their manifest: they stay shippable.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -193,9 +194,14 @@ def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, setti
         atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
         return stage.mark_complete(settings_hash, files + list(STAGE.outputs), record)
 
+    stage.folder.int8_report.unlink(missing_ok=True)
+    for leftover in stage.dir.glob(".int8-*"):  # the scratch folder of an INT8 step that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     if settings.int8 is None:
-        stage.folder.int8_report.unlink(missing_ok=True)
         return float_only(summary)
+    # Until new INT8 files pass their gate the folder holds, and its manifest lists, the float artifacts alone: a
+    # step killed half-way (SIGTERM, SIGKILL, a crash) leaves nothing stale beside them, and a rerun redoes it.
+    float_only(summary)
     results, tags = quantize_and_judge(layout, stage.folder, formats, settings, meta, info, dataset, data_root)
     if not all(r.passed for r in results):
         float_only({**summary, "int8_passed": False})
