@@ -15,8 +15,10 @@ from pathlib import Path
 
 from pipeline.layout import RunLayout
 
-# environment variable -> folder under RUN_DIR/.cache
-CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "MPLCONFIGDIR": "matplotlib"}
+# environment variable -> folder under RUN_DIR/.cache. On a GPU, also CUDA's kernel JIT cache (~/.nv/ComputeCache)
+# and Triton's (~/.triton/cache); both are read when CUDA or Triton first starts, after this is set.
+CACHE_VARIABLES = {"TORCHINDUCTOR_CACHE_DIR": "torchinductor", "MPLCONFIGDIR": "matplotlib",
+                   "CUDA_CACHE_PATH": "cuda", "TRITON_CACHE_DIR": "triton"}
 
 
 @contextlib.contextmanager

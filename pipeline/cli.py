@@ -21,7 +21,8 @@ log = logging.getLogger("pipeline")
 # Libraries' lines that say nothing to a user of the pipeline, shown from this level up: torch's "No CUDA runtime
 # is found, using CUDA_HOME=..." on every CPU run (we compile no extension), ONNX Runtime's "Performing symbolic
 # shape inference..." from the INT8 step, matplotlib's "generated new fontManager" (its cache is in the run).
-QUIET_LOGGERS = {"torch.utils.cpp_extension": logging.ERROR, "onnxruntime.quantization.shape_inference": logging.WARNING,
+QUIET_LOGGERS = {"torch.utils.cpp_extension": logging.ERROR,
+                 "onnxruntime.quantization.shape_inference": logging.WARNING,
                  "matplotlib.font_manager": logging.WARNING}
 
 
@@ -145,7 +146,9 @@ def common_options(func: Callable) -> Callable:
                         help="YAML config file (command-line flags override it)")(func)
     func = click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False),
                         help="run directory")(func)
-    func = click.option("--progress/--no-progress", default=None, help="progress bar on a terminal, progress lines in the log otherwise (default); --no-progress: neither")(func)
+    func = click.option("--progress/--no-progress", default=None,
+                        help="progress bar on a terminal, progress lines in the log otherwise (the default); "
+                             "--no-progress: neither")(func)
     func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(func)
     return func
 

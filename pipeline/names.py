@@ -9,3 +9,8 @@ FUSED = "fused student"  # the distilled student with its branches folded: what 
 def baseline(method: str = "none") -> str:
     """The same student trained with the same budget alone (``none``) or with another method at its defaults."""
     return "student alone (baseline)" if method == "none" else f"student with {method} (baseline)"
+
+
+def student(method: str) -> str:
+    """The distill stage's model: the distilled student, or with ``--method none`` a student trained alone."""
+    return DISTILLED if method != "none" else "student (no distillation)"

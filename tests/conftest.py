@@ -103,7 +103,7 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
 # Variables that would send a library's files somewhere other than HOME and TMPDIR (a test of what a command
 # writes outside its run directory points HOME and TMPDIR at empty folders and leaves these unset).
 ELSEWHERE = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR",
-             "TRITON_CACHE_DIR", "ORT_DISABLE_TELEMETRY")
+             "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "ORT_DISABLE_TELEMETRY")
 
 
 def scratch_env(folder: Path) -> dict[str, str]:

@@ -145,11 +145,12 @@ def distill_settings_hash(cfg: PipelineConfig, teacher_sha256: str | None, preci
     return settings_hash if precision == "fp32" else f"{settings_hash}-teacher-{precision}"
 
 
-def run_distill(run: StageRun, name: str = names.DISTILLED) -> dict[str, Any]:
+def run_distill(run: StageRun, name: str | None = None) -> dict[str, Any]:
     """Run (or skip, or resume) the distillation; returns the student's metrics. ``name``: the model's name in the
-    log (a baseline's when the stage trains one)."""
+    log (a baseline's when the stage trains one; by default the distilled student's)."""
     cfg, ctx = with_derived_settings(run.cfg), run.ctx
     s = cfg.student
+    name = name or names.student(s.method)
     method_cls = get_method(s.method)
     ckpt = (Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model) if method_cls.needs_teacher else None
     stage = Stage(run.layout.student, name)

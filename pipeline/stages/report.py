@@ -73,7 +73,8 @@ def collect(layout: RunLayout) -> dict[str, Any]:
         *[{"model": f"{names.baseline(method)}: {arch.get('name', '?')}, same budget, default options",
            "role": f"baseline-{method}", "top1": (read_json(run.student.metrics) or {}).get("top1")}
           for method, run in layout.baseline_runs().items() if method != "none"],
-        {"model": f"{names.DISTILLED} (multi-branch {arch.get('name', '?')}, {arch.get('method', '?')})",
+        {"model": f"{names.student(arch.get('method'))} (multi-branch {arch.get('name', '?')}, "
+                  f"{arch.get('method', '?')})",
          "role": "student", "top1": student.get("top1")},
         {"model": f"{names.FUSED} ({(read_json(layout.fused.model_info) or {}).get('architecture', '?')})",
          "role": "fused", "top1": fused.get("top1")},
@@ -93,7 +94,7 @@ def collect(layout: RunLayout) -> dict[str, Any]:
                     "method_options": arch.get("method_options"), "multibranch": arch.get("multibranch"),
                     "teacher": arch.get("teacher")},
         "curves": {name: _jsonl(folder.metrics_log) for name, folder in
-                   ((names.TEACHER, layout.teacher), (names.DISTILLED, layout.student),
+                   ((names.TEACHER, layout.teacher), (names.student(arch.get("method")), layout.student),
                     (names.baseline(), layout.baseline.student))},
         "equivalence": {"fuse": read_json(layout.fused.equivalence),
                         "export": read_json(layout.export.equivalence)},
@@ -279,7 +280,8 @@ def distillation_verdict(report: dict[str, Any]) -> dict[str, Any] | None:
 
 def _noise_text(v: dict[str, Any]) -> str:
     return (f"about {v['noise']:.1f} points: the larger of the seed-to-seed noise our benchmark measured "
-            f"({v['seed_noise']:.0f} point) and the sampling noise of {v['images']} test images ({v['sampling_noise']:.1f})")
+            f"({v['seed_noise']:.0f} point) and the sampling noise of {v['images']} test images "
+            f"({v['sampling_noise']:.1f})")
 
 
 def alone_commands(report: dict[str, Any]) -> str:
@@ -358,7 +360,12 @@ def _summary(report: dict[str, Any]) -> list[str]:
     text.append("Equivalence gates: " + ", ".join(
         f"{name} {'passed' if data and data.get('passed') else 'FAILED' if data else 'not run'}"
         for name, data in gates) + ".")
-    return md + [" ".join(text), ""]
+    md += [" ".join(text), ""]
+    if run.get("profile") == "tiny":
+        md += ["*Profile `tiny`: a smoke test of the chain on a few hundred images; its models stay near chance, so "
+               "its figures say that every step works, not how well. `make run` (the `default` profile) trains "
+               "for real.*", ""]
+    return md
 
 
 def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
@@ -458,8 +465,8 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                f"{i['pixel_scale']:.6f}, then (x - mean) / std with mean {i['mean']} and std {i['std']}; "
                f"fitting: {i['fit']}. Output `{art['output']['name']}`: {art['output']['meaning']}. "
                f"ONNX opset {art['onnx']['opset']} ({art['onnx']['exporter']} exporter). "
-               f"Classify files with `pipeline predict --model export/{(deploy.get('ship') or {}).get('file', 'model.onnx')} "
-               "IMAGE...`.", ""]
+               f"Classify files with `pipeline predict --model "
+               f"export/{(deploy.get('ship') or {}).get('file', 'model.onnx')} IMAGE...`.", ""]
 
     if report["stages"]:
         md += ["## Stages", ""]

@@ -307,7 +307,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
             sums += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
                                  dtype=torch.float64)
             if progress_lines is not None:
-                line = progress_lines.update(step + 1, int(sums[2]), float(sums[0] / sums[2]))
+                line = progress_lines.update(step + 1, int(sums[2]) * ctx.world_size, float(sums[0] / sums[2]))
                 if line:
                     log.info("%s", line)
             if show and step % 10 == 0:

@@ -34,7 +34,7 @@ class ProgressLines:
         self.lines = 0
 
     def update(self, step: int, images: int, loss: float | None = None) -> str | None:
-        """After ``step`` steps (1-based) and ``images`` images of this epoch (this process): a line, or None."""
+        """After ``step`` steps (1-based) and ``images`` images of this epoch (all processes): a line, or None."""
         if step >= self.steps:
             return None  # the epoch's own line follows
         now, done = self.clock(), step / self.steps
