@@ -19,11 +19,22 @@ from pipeline.errors import FAILURES, BadInputError, storage_error
 log = logging.getLogger("pipeline")
 
 
+# Libraries' lines that say nothing to a user of the pipeline, shown from this level up: torch's "No CUDA runtime
+# is found, using CUDA_HOME=..." on every CPU run (we compile no extension), ONNX Runtime's "Performing symbolic
+# shape inference..." from the INT8 step, matplotlib's "generated new fontManager" (its cache is in the run).
+QUIET_LOGGERS = {"torch.utils.cpp_extension": logging.ERROR,
+                 "onnxruntime.quantization.shape_inference": logging.WARNING,
+                 "matplotlib.font_manager": logging.WARNING}
+
+
 def _setup_logging(level: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=getattr(logging, level.upper()) if rank == 0 else logging.WARNING,
                         format=("" if rank == 0 else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    if level != "debug":
+        for name, quiet in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(quiet)
 
 
 # Options shared by the training stages: (flag, config path under the stage's section or top level, click kwargs).
@@ -136,19 +147,28 @@ def common_options(func: Callable) -> Callable:
                         help="YAML config file (command-line flags override it)")(func)
     func = click.option("--run-dir", default="runs/default", show_default=True, type=click.Path(file_okay=False),
                         help="run directory")(func)
-    func = click.option("--progress/--no-progress", default=None, help="progress bar (default: when on a terminal)")(func)
+    func = click.option("--progress/--no-progress", default=None,
+                        help="progress bar on a terminal, progress lines in the log otherwise (the default); "
+                             "--no-progress: neither")(func)
     func = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)(func)
     return func
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turn pipeline failures into one line on stderr and the failure class's exit code."""
+    """Turn pipeline failures into one line on stderr and the failure class's exit code. A command with a run
+    directory keeps the libraries' caches inside it from its start (:mod:`pipeline.caches`: torch's are placed
+    when torch's compiler modules are first imported)."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("debug", False)
         try:
+            if kwargs.get("run_dir"):
+                from pipeline.caches import caches_in
+
+                with caches_in(Path(kwargs["run_dir"])):
+                    return func(*args, **kwargs)
             return func(*args, **kwargs)
         except FAILURES as exc:
             if debug:

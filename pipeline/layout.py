@@ -6,6 +6,7 @@
     RUN_DIR/manifest.json        what each stage did, with hashes of its inputs and outputs
     RUN_DIR/report.md|json       the report
     RUN_DIR/.lock                held by the command that writes the run directory
+    RUN_DIR/.cache/              what libraries would otherwise cache in HOME or TMPDIR (pipeline.caches)
     RUN_DIR/teacher/             teacher stage          (StageFolder)
     RUN_DIR/student/             distill stage: the multi-branch student
     RUN_DIR/baseline/student/    baseline stage: the same student trained alone (a nested run layout)
@@ -120,6 +121,11 @@ class RunLayout:
     def lock(self) -> Path:
         """``.lock``: held by the command writing the run directory (pid, host and start inside)."""
         return self.root / ".lock"
+
+    @property
+    def cache(self) -> Path:
+        """``.cache/``: the libraries' caches (torch inductor, matplotlib), kept inside the run."""
+        return self.root / ".cache"
 
     @property
     def report_md(self) -> Path:

@@ -1,10 +1,13 @@
 """What a latency figure was measured on: CPU model, cores, ISA flags, GPU, library versions."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
 import subprocess
+import time
+from collections.abc import Iterator
 from typing import Any
 
 # The instruction-set extensions that decide which kernels the runtimes pick (bf16/int8 paths especially).
@@ -90,3 +93,44 @@ def machine_info() -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "openvino": openvino.__version__},
     }
+
+
+def _busy_seconds(cores: set[int]) -> float | None:
+    """CPU seconds spent busy (not idle, not waiting for I/O) on ``cores`` since boot (Linux ``/proc/stat``)."""
+    try:
+        with open("/proc/stat") as handle:
+            rows = [line.split() for line in handle if line.startswith("cpu") and line[3].isdigit()]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    busy = 0
+    for row in rows:
+        if int(row[0][3:]) in cores:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in row[1:9])
+            busy += user + nice + system + irq + softirq + steal
+    return busy / ticks
+
+
+@contextlib.contextmanager
+def other_load() -> Iterator[dict[str, Any]]:
+    """How busy this process's cores were with other work while the block ran, filled in when it ends.
+
+    ``other_busy``: the share of those cores' time that other processes used (0: the machine was ours, 0.5:
+    others held half of it), measured as the cores' busy time minus this process's CPU time; None where
+    ``/proc/stat`` is not available. A latency measured beside such work is slower and noisier than the model.
+    """
+    try:
+        cores = os.sched_getaffinity(0)
+    except AttributeError:  # not on Linux
+        cores = set(range(os.cpu_count() or 1))
+    result: dict[str, Any] = {"cores": len(cores), "other_busy": None, "loadavg_1m": None}
+    start_busy, start_own, start = _busy_seconds(cores), sum(os.times()[:2]), time.perf_counter()
+    try:
+        yield result
+    finally:
+        end_busy, own, wall = _busy_seconds(cores), sum(os.times()[:2]) - start_own, time.perf_counter() - start
+        if start_busy is not None and end_busy is not None and wall > 0:
+            other = (end_busy - start_busy - own) / (wall * len(cores))
+            result["other_busy"] = round(min(1.0, max(0.0, other)), 3)
+        with contextlib.suppress(OSError, AttributeError):
+            result["loadavg_1m"] = round(os.getloadavg()[0], 2)

@@ -51,7 +51,7 @@ if [ "$(uname -m)" = x86_64 ]; then
   fi
   exit 0
 fi
-# Other platforms (the locks are for x86_64): the README's torch pins, then the package and its dependencies.
+# Other platforms (the locks are for x86_64): the torch pins of docs/development.md, then the package and its dependencies.
 if ! "$VENV/bin/python" -c "import torch, torchvision" >/dev/null 2>&1; then
   log "installing $TORCH_SPEC"
   # shellcheck disable=SC2086

@@ -100,13 +100,39 @@ def _run_in_process(args: tuple[str, ...]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["pipeline", *args], result.exit_code, result.stdout, stderr)
 
 
+# Variables that would send a library's files somewhere other than HOME and TMPDIR (a test of what a command
+# writes outside its run directory points HOME and TMPDIR at empty folders and leaves these unset).
+ELSEWHERE = ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR",
+             "TRITON_CACHE_DIR", "CUDA_CACHE_PATH", "ORT_DISABLE_TELEMETRY")
+
+
+def scratch_env(folder: Path) -> dict[str, str]:
+    """The environment of a command whose HOME and TMPDIR are the empty folders ``folder/home`` and
+    ``folder/tmp`` (created here), so that a test can see what it wrote outside its run directory."""
+    env = {k: v for k, v in os.environ.items() if k not in ELSEWHERE}
+    for name in ("home", "tmp"):
+        (folder / name).mkdir(exist_ok=True)
+    return {**env, "HOME": str(folder / "home"), "TMPDIR": str(folder / "tmp"), "PYTHONUNBUFFERED": "1"}
+
+
+def run_in_scratch(args: list[str], folder: Path, module: str = "pipeline") -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in a subprocess with HOME and TMPDIR in ``folder`` (``scratch_env``)."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=scratch_env(folder), timeout=600, cwd=ROOT)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, fashion_root) -> Iterator[Path]:
     """One finished `pipeline run --profile tiny` on real Fashion-MNIST (every stage, about a minute), shared by
-    every test that needs a whole run directory: clone it (`clone_run`) before changing anything."""
+    every test that needs a whole run directory: clone it (`clone_run`) before changing anything.
+
+    It runs in a subprocess whose HOME and TMPDIR are empty folders beside the run (``home``, ``tmp``: what it
+    wrote outside the run directory stays there for a test to see), its output piped as in CI; its stderr is
+    kept in ``run.log`` beside the run."""
     def build(folder: Path) -> None:
-        result = run_cli("run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
-                         str(fashion_root), "--no-progress")
+        result = run_in_scratch(["run", "--profile", "tiny", "--run-dir", str(folder / "run"), "--data-root",
+                                 str(fashion_root)], folder)
+        (folder / "run.log").write_text(result.stderr)
         assert result.returncode == 0, result.stderr
 
     with shared_by_workers(tmp_path_factory, "tiny-run", build) as folder:

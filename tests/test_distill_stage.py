@@ -94,9 +94,9 @@ def test_teacher_cache_serves_repeated_inputs_and_is_off_with_random_crops(strip
               "--data-root", str(stripes_root), "--teacher-ckpt", str(stripes_teacher / "teacher" / "model.pt"), *TINY]
     result = run_cli(*common, "--augment", "none", "--epochs", "2", "--run-dir", str(tmp_path / "none"))
     assert result.returncode == 0, result.stderr
-    assert "teacher cache after epoch 1: {'entries': 320, 'mb'" in result.stderr and "'misses': 320," in result.stderr
-    assert "teacher cache in the last epoch: {'entries': 320, 'mb'" in result.stderr
-    assert "'hits': 320, 'misses': 0, 'hit_rate': 1.0" in result.stderr
+    assert "teacher cache after epoch 1: 320 images (" in result.stderr and "0 hits and 320 misses" in result.stderr
+    assert "distilled student: teacher cache in the last epoch: 320 images (" in result.stderr
+    assert "320 hits and 0 misses (hit rate 100.0%)" in result.stderr
     meta = json.loads((tmp_path / "none" / "student" / "metrics.json").read_text())
     assert meta["arch"]["teacher"]["cache"] == {"dtype": "float16", "max_mb": 2048}
     result = run_cli(*common, "--augment", "crop-flip", "--epochs", "1", "--run-dir", str(tmp_path / "crop"))

@@ -62,7 +62,7 @@ def test_a_tuning_run_is_measured_on_its_validation_images_at_every_stage(stripe
                      str(stripes_root), "--epochs", "1", "--validation", "120", "--run-dir", str(run_dir), *TINY,
                      cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "student: validation top-1" in result.stderr
+    assert "student (no distillation): validation top-1" in result.stderr
     result = run_cli("fuse", "--run-dir", str(run_dir), "--data-root", str(stripes_root), "--images", "32",
                      cwd=ROOT)
     assert result.returncode == 0, result.stderr

@@ -22,6 +22,7 @@ from models import FeatureTaps, ModelError, TapSpec, get_spec
 from models.heads import next_linear
 from models.reparam import build_multibranch_student
 from pipeline.config import PipelineConfig, StudentConfig, with_derived_settings
+from pipeline import names
 from pipeline.errors import BadInputError
 from pipeline.methods import KDMethod, create_method, get_method, method_settings
 from pipeline.stages.base import (TRAINING_OUTPUTS, Stage, StageRun, StageSpec, data_fingerprint_excludes,
@@ -155,13 +156,15 @@ def read_teacher(ckpt: Path | None) -> bytes | None:
         raise BadInputError(f"cannot read the teacher checkpoint {ckpt}: {exc.strerror or exc}") from None
 
 
-def run_distill(run: StageRun) -> dict[str, Any]:
-    """Run (or skip, or resume) the distillation; returns the student's metrics."""
+def run_distill(run: StageRun, name: str | None = None) -> dict[str, Any]:
+    """Run (or skip, or resume) the distillation; returns the student's metrics. ``name``: the model's name in the
+    log (a baseline's when the stage trains one; by default the distilled student's)."""
     cfg, ctx = with_derived_settings(run.cfg), run.ctx
     s = cfg.student
+    name = name or names.student(s.method)
     method_cls = get_method(s.method)
     ckpt = (Path(s.teacher_ckpt) if s.teacher_ckpt else run.layout.teacher.model) if method_cls.needs_teacher else None
-    stage = Stage(run.layout.student, "student")
+    stage = Stage(run.layout.student, name)
     precision = teacher_precision(s.teacher_precision, ctx.device)
     teacher_bytes = read_teacher(ckpt)  # read once: the bytes hashed here are the bytes loaded below
     teacher_sha = hashlib.sha256(teacher_bytes).hexdigest() if teacher_bytes is not None else None
@@ -202,7 +205,7 @@ def run_distill(run: StageRun) -> dict[str, Any]:
     summary = train_stage(stage, cfg, ctx, bundle=bundle, train=train, test=test, image_size=image_size, task=task,
                           train_cfg=s.train, settings_hash=settings_hash, arch=arch, progress=run.progress)
     if cache is not None and cache.hits + cache.misses:
-        log.info("teacher cache in the last epoch: %s", cache.stats())
+        log.info("%s: teacher cache in the last epoch: %s", name, cache.describe())
     return summary
 
 
@@ -220,7 +223,7 @@ def baseline_spec(method: str) -> StageSpec:
     def run_baseline(run: StageRun) -> dict[str, Any]:
         layout = run.layout.baseline_run(method)
         cfg = baseline_config(run.cfg, method, run.layout.teacher.model if get_method(method).needs_teacher else None)
-        return run_distill(StageRun(cfg, layout, run.ctx, run.progress))
+        return run_distill(StageRun(cfg, layout, run.ctx, run.progress), names.baseline(method))
 
     needs_teacher = get_method(method).needs_teacher
     return StageSpec(name="baseline" if method == "none" else f"baseline-{method}",

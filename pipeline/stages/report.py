@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import names
 from pipeline.layout import RunLayout
 from pipeline.stages.base import Stage, StageSpec
+from pipeline.stages.bench import SPREAD_LIMIT, load_warning, noisy
 from pipeline.training.checkpoint import (atomic_write, atomic_write_json, atomic_write_text, file_sha256, read_json,
                                          settings_digest)
 
@@ -28,6 +31,16 @@ def sources(layout: RunLayout) -> list[Path]:
             *[path for b in baselines for path in (b.metrics, b.metrics_log)],
             layout.fused.metrics, layout.fused.equivalence, layout.export.equivalence, layout.export.manifest,
             layout.export.int8_report, layout.bench.latency]
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
@@ -53,18 +66,20 @@ def collect(layout: RunLayout) -> dict[str, Any]:
     latency = read_json(layout.bench.latency) or {}
     arch = student.get("arch", {})
     accuracy = [
-        {"model": f"teacher ({teacher.get('arch', {}).get('name', '?')})", "role": "teacher",
+        {"model": f"{names.TEACHER} ({teacher.get('arch', {}).get('name', '?')})", "role": "teacher",
          "top1": teacher.get("top1"), "params": teacher.get("arch", {}).get("params")},
-        {"model": f"student alone ({arch.get('name', '?')}, same budget)", "role": "baseline",
+        {"model": f"{names.baseline()}: {arch.get('name', '?')}, same budget", "role": "baseline",
          "top1": baseline.get("top1")},
-        *[{"model": f"student with {method} ({arch.get('name', '?')}, same budget, default options)",
+        *[{"model": f"{names.baseline(method)}: {arch.get('name', '?')}, same budget, default options",
            "role": f"baseline-{method}", "top1": (read_json(run.student.metrics) or {}).get("top1")}
           for method, run in layout.baseline_runs().items() if method != "none"],
-        {"model": f"multi-branch student ({arch.get('name', '?')}, {arch.get('method', '?')})", "role": "student",
-         "top1": student.get("top1")},
-        {"model": f"fused student ({(read_json(layout.fused.model_info) or {}).get('architecture', '?')})",
+        {"model": f"{names.student(arch.get('method'))} (multi-branch {arch.get('name', '?')}, "
+                  f"{arch.get('method', '?')})",
+         "role": "student", "top1": student.get("top1")},
+        {"model": f"{names.FUSED} ({(read_json(layout.fused.model_info) or {}).get('architecture', '?')})",
          "role": "fused", "top1": fused.get("top1")},
     ]
+    config = _yaml(layout.config)
     return {
         "run": manifest.get("run", {}),
         "dataset": student.get("dataset") or teacher.get("dataset"),
@@ -79,7 +94,8 @@ def collect(layout: RunLayout) -> dict[str, Any]:
                     "method_options": arch.get("method_options"), "multibranch": arch.get("multibranch"),
                     "teacher": arch.get("teacher")},
         "curves": {name: _jsonl(folder.metrics_log) for name, folder in
-                   (("teacher", layout.teacher), ("student", layout.student), ("baseline", layout.baseline.student))},
+                   ((names.TEACHER, layout.teacher), (names.student(arch.get("method")), layout.student),
+                    (names.baseline(), layout.baseline.student))},
         "equivalence": {"fuse": read_json(layout.fused.equivalence),
                         "export": read_json(layout.export.equivalence)},
         "latency": latency,
@@ -87,6 +103,8 @@ def collect(layout: RunLayout) -> dict[str, Any]:
                       "files": export_manifest.get("artifacts", []), "onnx": export_manifest.get("onnx")},
         "stages": manifest.get("stages", {}),
         "deployables": deployables(export_manifest, read_json(layout.export.int8_report), fused.get("top1"), latency),
+        "data_root": ((config.get("data") or {}).get("data_root")),
+        "run_dir": str(layout.root),
     }
 
 
@@ -133,6 +151,30 @@ def deployables(manifest: dict[str, Any], int8: dict[str, Any] | None, fused_top
 
 # --------------------------------------------------------------------------- plots
 
+ROLE_COLORS = {"teacher": "#4c72b0", "student": "#dd8452", "fused": "#55a868", "int8": "#8172b3"}
+
+
+def accuracy_bars(report: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """The accuracy plot's bars (label, top-1, colour): every model of the run, then the INT8 files with their own
+    top-1 (the fp32 files compute the fused student's function, so they need no bar of their own)."""
+    bars = [(a["model"], a["top1"], ROLE_COLORS.get(a["role"], "#999999")) for a in report["accuracy"]]
+    return bars + [(f"{row['format']} int8 ({row['file']})", row["top1"], ROLE_COLORS["int8"])
+                   for row in (report.get("deployables") or {}).get("rows", [])
+                   if row["precision"] == "int8" and row["top1"] is not None]
+
+
+LATENCY_VARIANTS = ("fused", "int8", "unfused", "stock")  # the latency plot's bars per target, in this order
+
+
+def latency_bars(report: dict[str, Any]) -> tuple[list[tuple[str, str, int]], dict[str, list[float]]]:
+    """The latency plot: its groups (backend, device, batch) and, per variant measured, the p50 of each group."""
+    rows = [r for r in report["latency"].get("results", []) if r.get("status") == "ok"]
+    groups = sorted({(r["backend"], r["device"], r["batch"]) for r in rows}, key=lambda g: (g[1], g[0], g[2]))
+    return groups, {variant: [next((r["p50_ms"] for r in rows if (r["backend"], r["device"], r["batch"]) == g
+                                    and r["variant"] == variant), 0.0) for g in groups]
+                    for variant in LATENCY_VARIANTS if any(r["variant"] == variant for r in rows)}
+
+
 def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
     split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     import matplotlib
@@ -161,28 +203,24 @@ def _plots(report: dict[str, Any], folder: Path) -> dict[str, str]:
             ax.legend(fontsize=8)
         made["training_curves"] = _save(fig, folder / "training_curves.png")
 
-    if report["accuracy"]:
-        fig, ax = plt.subplots(figsize=(7, 3.2))
-        names = [a["model"] for a in report["accuracy"]]
-        values = [a["top1"] for a in report["accuracy"]]
-        bars = ax.barh(names, values, color=["#4c72b0", "#999999", "#dd8452", "#55a868"][:len(values)])
+    bars_data = accuracy_bars(report)
+    if bars_data:
+        fig, ax = plt.subplots(figsize=(7, 2 + 0.3 * len(bars_data)))
+        labels, values, colors = zip(*bars_data)
+        bars = ax.barh(labels, values, color=colors)
         ax.bar_label(bars, labels=[f"{v:.2f}%" for v in values], padding=3, fontsize=8)
         low = max(0.0, min(values) - 10)
         ax.set(xlim=(low, min(100.0, max(values) + 5)), xlabel=f"{split} top-1 (%)", title="accuracy")
         ax.invert_yaxis()
         made["accuracy"] = _save(fig, folder / "accuracy.png")
 
-    rows = [r for r in report["latency"].get("results", []) if r.get("status") == "ok"]
-    if rows:
-        groups = sorted({(r["backend"], r["device"], r["batch"]) for r in rows},
-                        key=lambda g: (g[1], g[0], g[2]))
-        variants = [v for v in ("fused", "unfused", "stock") if any(r["variant"] == v for r in rows)]
+    groups, series = latency_bars(report)
+    if groups:
         fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 3.6))
-        width = 0.8 / len(variants)
-        for i, variant in enumerate(variants):
-            values = [next((r["p50_ms"] for r in rows if (r["backend"], r["device"], r["batch"]) == g
-                            and r["variant"] == variant), 0.0) for g in groups]
+        width = 0.8 / len(series)
+        for i, (variant, values) in enumerate(series.items()):
             ax.bar([x + i * width for x in range(len(groups))], values, width, label=variant)
+        variants = list(series)
         ax.set_xticks([x + width * (len(variants) - 1) / 2 for x in range(len(groups))],
                       [f"{b}\n{d} b{n}" for b, d, n in groups], fontsize=8)
         ax.set(ylabel="p50 latency (ms, log)", yscale="log", title="latency per backend, device and batch")
@@ -214,30 +252,106 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 
 
 # What one seed's gain is worth: the seed-to-seed spread of the paired (same seed) difference between a distilled
-# student and the student alone, measured in benchmarks/results/2026-12-05-kd-methods.md.
-SEED_NOISE = ("in our benchmark the same comparison varies by 0.2-0.5 points from seed to seed (paired std over 5 "
-              "seeds), so a gain under about 1 point is within seed noise; benchmarks/kd_methods.py measures it on "
-              "your data")
+# student and the student alone, measured in benchmarks/results/2026-12-06-kd-methods.md (0.2-0.5 points of paired
+# std over 5 seeds): a difference under about 1 point is within seed noise.
+SEED_NOISE_POINTS = 1.0
+
+
+def distillation_verdict(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The distilled student against the student trained alone: the gain, the noise it is judged against and
+    whether it is ``better``, ``worse`` or ``within noise``.
+
+    The noise is the larger of the seed-to-seed spread our benchmark measured and the sampling noise of the test
+    images (the standard error of a difference of two accuracies on n images: a 100-image test set cannot tell
+    models 1 point apart).
+    """
+    acc = {a["role"]: a["top1"] for a in report["accuracy"]}
+    if "student" not in acc or "baseline" not in acc:
+        return None
+    gain, n = acc["student"] - acc["baseline"], report.get("test_images") or 0
+    p = min(max((acc["student"] + acc["baseline"]) / 200, 0.0), 1.0)
+    sampling = 100 * math.sqrt(2 * p * (1 - p) / n) if n else float("inf")
+    noise = max(SEED_NOISE_POINTS, sampling)
+    verdict = "within noise" if abs(gain) < noise else "better" if gain > 0 else "worse"
+    return {"gain": round(gain, 2), "noise": round(noise, 2), "seed_noise": SEED_NOISE_POINTS,
+            "sampling_noise": round(sampling, 2), "images": n, "verdict": verdict, "distilled": acc["student"],
+            "alone": acc["baseline"]}
+
+
+def _noise_text(v: dict[str, Any]) -> str:
+    return (f"about {v['noise']:.1f} points: the larger of the seed-to-seed noise our benchmark measured "
+            f"({v['seed_noise']:.0f} point) and the sampling noise of {v['images']} test images "
+            f"({v['sampling_noise']:.1f})")
+
+
+def alone_commands(report: dict[str, Any]) -> str:
+    """The commands that make the student trained alone shippable (fused, exported, gated) in a run of its own."""
+    run_dir = report.get("run_dir") or "RUN_DIR"
+    data = f" --data-root {report['data_root']}" if report.get("data_root") else ""
+    return (f"`mkdir -p {run_dir}-alone && cp -r {run_dir}/baseline/student {run_dir}-alone/ && "
+            f"pipeline fuse --run-dir {run_dir}-alone{data} && pipeline export --run-dir {run_dir}-alone{data}`")
+
+
+def recommendation(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The file to ship with its own figures (the same in the headline, the ship line and the table), and the
+    evidence of the run that qualifies it."""
+    deploy = report.get("deployables") or {}
+    ship = deploy.get("ship")
+    if not ship:
+        return None
+    row = next(r for r in deploy["rows"] if r["file"] == ship["file"])
+    torch_b1 = next((r["p50_ms"] for r in report["latency"].get("results", []) if r.get("status") == "ok"
+                     and (r["backend"], r["variant"], r["device"], r["batch"]) == ("torch", "fused", "cpu", 1)), None)
+    variant = "int8" if row["precision"] == "int8" else "fused"
+    timed = next((r for r in report["latency"].get("results", []) if r.get("status") == "ok" and r["device"] == "cpu"
+                  and r["batch"] == 1 and (r["backend"], r["variant"]) == (row["runtime"], variant)), None)
+    return {**ship, "model": f"the {names.DISTILLED}, fused", "row": row, "torch_p50_ms": torch_b1,
+            "noisy": noisy(timed) if timed else None, "load": load_warning(report["latency"]),
+            "distillation": distillation_verdict(report)}
+
+
+def ship_line(rec: dict[str, Any], split: str) -> str:
+    """``**Ship `export/FILE`**`` with that file's own figures: one sentence for the headline and the ship section."""
+    row = rec["row"]
+    text = (f"**Ship `export/{rec['file']}`** ({rec['model']}, {row['format']} {row['precision']}, "
+            f"{row['bytes'] / 1e6:.2f} MB): {_fmt(row['top1'], '.2f', '%')} {split} top-1")
+    if row["p50_ms_batch1"] is not None:
+        text += f", {row['p50_ms_batch1']:.3f} ms per image in {row['runtime']} (batch-1 CPU p50"
+        if rec.get("torch_p50_ms"):
+            text += f"; torch eager {rec['torch_p50_ms']:.2f} ms"
+        text += ")"
+    text += f"; {rec['why']}."
+    if rec.get("noisy") or rec.get("load"):
+        text += " Its latency is not a trustworthy figure: " + "; ".join(x for x in (rec.get("noisy"), rec.get("load"))
+                                                                          if x) + "."
+    return text
 
 
 def _summary(report: dict[str, Any]) -> list[str]:
+    """The report's first screen: what distillation did, what to ship with its figures, then the run."""
     split = report.get("eval_split", "test")  # the split every top-1 below is measured on
-    acc = {a["role"]: a["top1"] for a in report["accuracy"]}
-    run = report["run"]
+    run, rec = report["run"], recommendation(report)
+    verdict = (rec or {}).get("distillation") or distillation_verdict(report)
+    md: list[str] = []
+    if verdict and verdict["verdict"] == "worse":
+        md += [f"**Distillation made this student worse**: the {names.DISTILLED} scores {verdict['distilled']:.2f}% "
+               f"{split} top-1, {-verdict['gain']:.2f} points below the same student trained alone "
+               f"({verdict['alone']:.2f}%), beyond the noise ({_noise_text(verdict)}). Ship the student trained "
+               f"alone instead: this run trained it (`baseline/student/`) but did not export it; "
+               f"{alone_commands(report)} fuses, exports and gates it like this run's files. The file named below is "
+               f"the best of those this run exported, all of them the {names.DISTILLED}'s. To make distillation pay, "
+               "give the teacher more epochs or use a stronger teacher.", ""]
+    if rec:
+        md += [ship_line(rec, split), ""]
     text = [f"**{run.get('student', '?')}** distilled from **{run.get('teacher', '?')}** with "
             f"**{report['student'].get('method', '?')}** on **{report.get('dataset', '?')}** "
             f"({report.get('train_images', '?')} training images, {report.get('test_images', '?')} {split} images, "
             f"{report.get('image_size', '?')}x{report.get('image_size', '?')} px)."]
-    if "fused" in acc:
-        line = f"The fused student ships at **{acc['fused']:.2f}%** {split} top-1"
-        if "teacher" in acc:
-            line += f" (teacher {acc['teacher']:.2f}%"
-            line += f", student trained alone with the same budget {acc['baseline']:.2f}%)" if "baseline" in acc \
-                else ")"
-        text.append(line + ".")
-    if "student" in acc and "baseline" in acc:
-        text.append(f"Distillation gain over the student alone: {acc['student'] - acc['baseline']:+.2f} points, "
-                    f"from one seed ({SEED_NOISE}).")
+    if verdict:
+        judged = {"better": "beyond the noise", "worse": "beyond the noise",
+                  "within noise": "within the noise"}[verdict["verdict"]]
+        text.append(f"Distillation gain over the student alone: {verdict['gain']:+.2f} points from one seed, "
+                    f"{judged} ({_noise_text(verdict)}).")
     precision = report.get("precision") or {}
     if precision:
         text.append("Training arithmetic: " + ", ".join(f"{role} {value}" for role, value in precision.items()) + ".")
@@ -246,15 +360,12 @@ def _summary(report: dict[str, Any]) -> list[str]:
     text.append("Equivalence gates: " + ", ".join(
         f"{name} {'passed' if data and data.get('passed') else 'FAILED' if data else 'not run'}"
         for name, data in gates) + ".")
-    rows = {(r["backend"], r["variant"], r["batch"]): r["p50_ms"] for r in report["latency"].get("results", [])
-            if r.get("status") == "ok" and r["device"] == "cpu"}
-    torch_b1 = rows.get(("torch", "fused", 1))
-    deploy = {b: rows[(b, "fused", 1)] for b in ("onnxruntime", "openvino") if (b, "fused", 1) in rows}
-    if torch_b1 and deploy:
-        best = min(deploy, key=deploy.get)
-        text.append(f"Batch-1 CPU latency (p50): {best} {deploy[best]:.2f} ms vs torch eager {torch_b1:.2f} ms "
-                    f"({torch_b1 / deploy[best]:.1f}x faster).")
-    return [" ".join(text), ""]
+    md += [" ".join(text), ""]
+    if run.get("profile") == "tiny":
+        md += ["*Profile `tiny`: a smoke test of the chain on a few hundred images; its models stay near chance, so "
+               "its figures say that every step works, not how well. `make run` (the `default` profile) trains "
+               "for real.*", ""]
+    return md
 
 
 def _int8_gate_lines(gate: dict[str, Any]) -> list[str]:
@@ -326,11 +437,22 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                f"backend, {latency['budget']['warmup']} warm-up calls excluded, variants timed in interleaved rounds.",
                ""]
         ok = [r for r in latency["results"] if r["status"] == "ok"]
+        shaky = [r for r in ok if noisy(r)]
+        load = load_warning(latency)
+        if load or shaky:
+            md += [f"**Not every figure below is trustworthy.** "
+                   + (f"While the benchmark ran, {load}. " if load else "")
+                   + (f"{len(shaky)} of {len(ok)} rows spread widely (marked *noisy*: p90 above "
+                      f"{SPREAD_LIMIT}x p50 or std above half the mean), so their p50 says more about the machine than "
+                      "about the model. " if shaky else "")
+                   + "Rerun `pipeline bench --run-dir RUN_DIR` on an idle machine (`--duration` longer) for figures "
+                     "to compare.", ""]
         md += _table(["backend", "device", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "mean +- std ms",
                       "images/s"],
                      [(r["backend"] + (f" ({r['provider']})" if r["provider"] else ""), r["device"], r["variant"],
-                       r["batch"], f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}",
-                       f"{r['mean_ms']:.3f} +- {r['std_ms']:.3f}", f"{r['throughput_ips']:.1f}") for r in ok])
+                       r["batch"], f"{r['p50_ms']:.3f}" + (" *noisy*" if noisy(r) else ""), f"{r['p90_ms']:.3f}",
+                       f"{r['p99_ms']:.3f}", f"{r['mean_ms']:.3f} +- {r['std_ms']:.3f}", f"{r['throughput_ips']:.1f}")
+                      for r in ok])
         skipped = sorted({(r["backend"] + (f" ({r['provider']})" if r["provider"] else ""), r["device"], r["reason"])
                           for r in latency["results"] if r["status"] != "ok"})
         if skipped:
@@ -347,14 +469,15 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
         gate = deploy.get("int8_gate") or {}
         settings = gate.get("settings") or {}
         md += ["## Models to ship", "",
-               f"**Ship `export/{deploy['ship']['file']}`**: {deploy['ship']['why']}."
+               ship_line(recommendation(report), split)
                + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
                   f"{settings['min_agreement']:g}% on {gate.get('test_images')} {split} images; calibrated on "
                   f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
                ""] + _int8_gate_lines(gate)
         md += _table(["file", "format", "precision", "size (MB)", f"{split} top-1", "agreement with fp32",
                       "batch-1 CPU p50 (ms)"],
-                     [(f"`{r['file']}`", r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
+                     [(f"**`{r['file']}` (ship)**" if r["file"] == deploy["ship"]["file"] else f"`{r['file']}`",
+                       r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
                        _fmt(r["agreement"], ".2f", "%"), _fmt(r["p50_ms_batch1"], ".3f")) for r in deploy["rows"]])
 
     art = report["artifacts"]
@@ -367,7 +490,8 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                f"{i['pixel_scale']:.6f}, then (x - mean) / std with mean {i['mean']} and std {i['std']}; "
                f"fitting: {i['fit']}. Output `{art['output']['name']}`: {art['output']['meaning']}. "
                f"ONNX opset {art['onnx']['opset']} ({art['onnx']['exporter']} exporter). "
-               "Classify files with `pipeline predict --model export/model.onnx IMAGE...`.", ""]
+               f"Classify files with `pipeline predict --model "
+               f"export/{(deploy.get('ship') or {}).get('file', 'model.onnx')} IMAGE...`.", ""]
 
     if report["stages"]:
         md += ["## Stages", ""]

@@ -37,6 +37,7 @@ from pipeline.training.checkpoint import atomic_save, atomic_write_text, capture
 from pipeline.config import TrainConfig
 from pipeline.training.data import BatchPreprocessor, collate, default_num_workers
 from pipeline.training.distributed import DistContext
+from pipeline.training.progress import ProgressLines
 from pipeline.errors import BadInputError, TrainingDivergedError
 from pipeline.layout import StageFolder
 
@@ -278,7 +279,9 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
     if resume_state is not None and resume_state.get("scaler"):
         scaler.load_state_dict(resume_state["scaler"])
     trained = DistributedDataParallel(task) if ctx.distributed else task
+    # a bar on a terminal (or with --progress); log lines when the output is piped; nothing with --no-progress
     show = ctx.is_main and (sys.stderr.isatty() if progress is None else progress)
+    lines = ctx.is_main and progress is None and not show
 
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
@@ -287,6 +290,7 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count (this rank)
         bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False,
                    dynamic_ncols=True, mininterval=1.0)
+        progress_lines = ProgressLines(label, epoch + 1, cfg.epochs, steps_per_epoch) if lines else None
         for step, (images, labels, idx) in enumerate(bar):
             task.set_progress(epoch + step / steps_per_epoch)
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
@@ -312,6 +316,10 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
             scheduler.step()
             sums += torch.tensor([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)],
                                  dtype=torch.float64)
+            if progress_lines is not None:
+                line = progress_lines.update(step + 1, int(sums[2]) * ctx.world_size, float(sums[0] / sums[2]))
+                if line:
+                    log.info("%s", line)
             if show and step % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}%",
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")

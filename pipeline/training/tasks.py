@@ -108,7 +108,7 @@ class DistillTask(Task):
     def set_progress(self, epochs_done: float) -> None:
         self.method.epoch_progress = epochs_done
         if self.teacher_cache is not None and self._epoch is not None and int(epochs_done) != self._epoch:
-            log.info("teacher cache after epoch %d: %s", self._epoch + 1, self.teacher_cache.stats())
+            log.info("teacher cache after epoch %d: %s", self._epoch + 1, self.teacher_cache.describe())
             self.teacher_cache.reset_counts()
         self._epoch = int(epochs_done)
 

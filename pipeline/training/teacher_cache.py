@@ -81,6 +81,12 @@ class TeacherOutputCache:
                 "misses": self.misses, "hit_rate": round(self.hits / total, 4) if total else 0.0,
                 "dtype": str(self.dtype).removeprefix("torch.")}
 
+    def describe(self) -> str:
+        """``stats()`` as a sentence for the log."""
+        s = self.stats()
+        return (f"{s['entries']} images ({s['mb']} MB, {s['dtype']}), {s['hits']} hits and {s['misses']} misses "
+                f"(hit rate {100 * s['hit_rate']:.1f}%)")
+
     def reset_counts(self) -> None:
         self.hits = self.misses = 0
 
