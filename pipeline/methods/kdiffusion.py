@@ -149,7 +149,8 @@ class KDiffusion(PairedFeatureMethod):
         features = [projected[j] for j in order]
         if self.chain == "reduced":
             return running_means(features), [target] * len(features)
-        scale = s2.sqrt()
+        # (contiguous: a live teacher's channels-last features and the cache's copy then reduce in one order)
+        target, scale = target.contiguous(), s2.sqrt()
         start = forward_noised(target, self.start_signal, self.start_noise * scale)
         goals = [forward_noised(target, self.signal[k], self.noise[k] * scale) for k in range(len(features))]
         return poster_chain(start, features, self.u, self.v), goals
