@@ -326,7 +326,8 @@ def run(**params: Any) -> None:
 
     Finished stages whose settings and inputs are unchanged are skipped, an interrupted stage resumes,
     and RUN_DIR/manifest.json records what happened. Exit codes: 2 bad input, 3 equivalence gate,
-    4 training diverged, 5 export failed, 6 cannot write (disk full or read-only).
+    4 training diverged, 5 export failed, 6 cannot write (disk full or read-only), 7 another torchrun rank
+    stalled, died or failed (docs/distributed.md).
     """
     from pipeline.layout import RunLayout
     from pipeline.orchestrate import run_pipeline

@@ -314,6 +314,20 @@ def test_two_nodes_distill_then_run_with_rank_0_alone_for_fuse_export_bench(modu
     student = json.loads((run_dir / "student" / "metrics.json").read_text())
     assert student["world_size"] == 2 and student["replica_max_abs_diff"] == 0.0
 
+    # rank 0 stalls in a stage it runs alone: the other rank waits PIPELINE_DIST_WAIT_TIMEOUT, no longer
+    with two_nodes(module.folder, module.command("run"), [run_dir, run_dir],
+                   env={"PIPELINE_DIST_WAIT_TIMEOUT": "3"}) as pair:
+        pair.wait_for(lambda: "run: distill" in "".join(n.output() for n in pair.nodes), "the end of distill")
+        os.kill(pair.worker(0), signal.SIGSTOP)
+        stopped, waiting = time.monotonic(), pair.node_of(1)
+        while waiting.proc.poll() is None and time.monotonic() - stopped < 60:
+            time.sleep(0.1)
+        waited = time.monotonic() - stopped
+        assert waiting.proc.poll() not in (None, 0), pair.outputs()
+    errors = waiting.error_lines()
+    assert len(errors) == 1 and "rank 0 did not finish fuse" in errors[0], waiting.output()[-3000:]
+    assert waited < 30, f"rank 1 waited {waited:.0f} s for a stalled rank 0"
+
     # rank 0 fails alone (its fuse gate cannot pass with a tolerance of 0): the other rank stops with its error
     strict = module.folder / "strict-fuse.yaml"
     strict.write_text(SETTINGS.replace("fuse: {images: 32}", "fuse: {images: 32, fp64_tol: 0, fp32_tol: 0}"))
@@ -333,4 +347,5 @@ def test_two_nodes_distill_then_run_with_rank_0_alone_for_fuse_export_bench(modu
     assert actions["teacher"] == actions["distill"] == "skipped" and actions["fuse"] == "ran", actions
     assert manifest["run"]["status"] == "complete" and (run_dir / "report.md").is_file()
     assert lock_holder(run_dir) == main_pid
-    print(f"distill on two nodes {distill_s:.0f} s; run (fuse, export, bench, report on rank 0) {pair.wall_s:.0f} s")
+    print(f"distill on two nodes {distill_s:.0f} s; rank 1 gave up on a stopped rank 0 {waited:.1f} s after the stop; "
+          f"run (fuse, export, bench, report on rank 0) {pair.wall_s:.0f} s")
