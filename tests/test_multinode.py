@@ -99,6 +99,9 @@ class Pair:
         raise AssertionError(f"no worker of rank {rank} after {timeout:.0f} s:\n{self.outputs()}")
 
     def node_of(self, rank: int) -> Node:
+        """The node whose worker held ``rank`` last seen (alive or not)."""
+        for node in self.nodes:
+            node.poll_workers()
         return next(node for node in self.nodes if rank in node.workers)
 
     def wait_for(self, ready: Callable[[], bool], what: str, timeout: float = 300) -> None:
@@ -109,6 +112,17 @@ class Pair:
             if time.monotonic() > deadline or all(n.proc.poll() is not None for n in self.nodes):
                 raise AssertionError(f"{what} did not happen:\n{self.outputs()}")
             time.sleep(0.05)
+
+    def stall(self, after: str, rank: int, limit: float = 120) -> tuple[Node, float]:
+        """SIGSTOP the worker of ``rank`` once a log says ``after``; returns the other node, once it has failed,
+        and the seconds it took after the stop."""
+        self.wait_for(lambda: after in "".join(n.output() for n in self.nodes), after)
+        os.kill(self.worker(rank), signal.SIGSTOP)
+        stopped, other = time.monotonic(), self.node_of(1 - rank)
+        while other.proc.poll() is None and time.monotonic() - stopped < limit:
+            time.sleep(0.1)
+        assert other.proc.poll() not in (None, 0), self.outputs()
+        return other, time.monotonic() - stopped
 
     def settle(self, timeout: float = 600) -> list[int]:
         """Both launches' exit codes (each node's workers polled until it ends)."""
@@ -278,15 +292,7 @@ def test_a_stalled_rank_fails_the_others_within_the_timeout_naming_it(module):
     run_dir, timeout = module.folder / "stalled", 5
     with two_nodes(module.folder, module.command("teacher"), [run_dir, run_dir],
                    env={"PIPELINE_DIST_TIMEOUT": str(timeout)}) as pair:
-        pair.wait_for(lambda: "teacher trains in" in "".join(n.output() for n in pair.nodes), "training")
-        stalled = pair.worker(1)
-        os.kill(stalled, signal.SIGSTOP)
-        stopped = time.monotonic()
-        survivor = pair.node_of(0)
-        while survivor.proc.poll() is None and time.monotonic() - stopped < 120:
-            time.sleep(0.1)
-        waited = time.monotonic() - stopped
-        assert survivor.proc.poll() not in (None, 0), pair.outputs()
+        survivor, waited = pair.stall(after="teacher trains in", rank=1)
     errors = survivor.error_lines()
     assert len(errors) == 1 and "rank 1 did not answer" in errors[0], survivor.output()[-3000:]
     # one collective timeout, then at most as long again to find out which rank does not answer
@@ -317,13 +323,7 @@ def test_two_nodes_distill_then_run_with_rank_0_alone_for_fuse_export_bench(modu
     # rank 0 stalls in a stage it runs alone: the other rank waits PIPELINE_DIST_WAIT_TIMEOUT, no longer
     with two_nodes(module.folder, module.command("run"), [run_dir, run_dir],
                    env={"PIPELINE_DIST_WAIT_TIMEOUT": "3"}) as pair:
-        pair.wait_for(lambda: "run: distill" in "".join(n.output() for n in pair.nodes), "the end of distill")
-        os.kill(pair.worker(0), signal.SIGSTOP)
-        stopped, waiting = time.monotonic(), pair.node_of(1)
-        while waiting.proc.poll() is None and time.monotonic() - stopped < 60:
-            time.sleep(0.1)
-        waited = time.monotonic() - stopped
-        assert waiting.proc.poll() not in (None, 0), pair.outputs()
+        waiting, waited = pair.stall(after="run: distill", rank=0)
     errors = waiting.error_lines()
     assert len(errors) == 1 and "rank 0 did not finish fuse" in errors[0], waiting.output()[-3000:]
     assert waited < 30, f"rank 1 waited {waited:.0f} s for a stalled rank 0"
