@@ -51,7 +51,8 @@ class RankFailedError(PipelineError):
 # and the runtime's InputError: 2 come from :mod:`exporters.errors`).
 FAILURES = (PipelineError, ExporterError)
 __all__ = ["BadInputError", "ExportError", "ExporterError", "FAILURES", "GateFailedError", "InputError",
-           "PipelineError", "RankFailedError", "StorageError", "TrainingDivergedError", "parse_list", "storage_error", "unknown_name"]
+           "PipelineError", "RankFailedError", "StorageError", "TrainingDivergedError", "parse_list", "storage_error",
+           "unknown_name"]
 
 STORAGE_ERRNOS = {"EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EFBIG"}
 

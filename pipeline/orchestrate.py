@@ -153,7 +153,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
             error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if not spec.per_rank:
                 with contextlib.suppress(RuntimeError):  # the error below matters more than a lost rank
-                    ctx.announce(spec.name, (code, error))
+                    ctx.announce((code, error))
             if manifest and known:
                 try:
                     manifest.stage(spec, "failed", error=error, exit_code=code,
@@ -163,7 +163,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
                     pass  # the run directory itself cannot be written: the error below says so
             raise
         if not spec.per_rank:
-            ctx.announce(spec.name, None)
+            ctx.announce(None)
         wall = round(time.perf_counter() - start, 2)
         if manifest:
             after = read_json(folder.marker)

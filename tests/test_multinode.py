@@ -192,6 +192,9 @@ def assert_no_torn_files(run_dir: Path) -> None:
 
 @dataclass
 class Module:
+    """What this module's tests share: the settings, the uninterrupted two-node teacher run and its one-process
+    twin."""
+
     folder: Path
     settings: Path
     args: list[str]  # after the command and its --config
@@ -199,7 +202,6 @@ class Module:
     single_dir: Path
     workers: dict[int, int]
     times: dict[str, float]
-
 
     def command(self, name: str, settings: Path | None = None) -> list[str]:
         return [name, "--config", str(settings or self.settings), *self.args]
@@ -218,7 +220,8 @@ def module(tmp_path_factory, stripes_root) -> Iterator[Module]:
             assert codes == [0, 0], pair.outputs()
             workers = {rank: pid for node in pair.nodes for rank, pid in node.workers.items()}
         start = time.monotonic()
-        single = run_cli("teacher", "--config", str(settings), *args, "--run-dir", str(single_dir), env={"OMP_NUM_THREADS": "1"})
+        single = run_cli("teacher", "--config", str(settings), *args, "--run-dir", str(single_dir),
+                         env={"OMP_NUM_THREADS": "1"})
         assert single.returncode == 0, single.stderr
         yield Module(folder, settings, args, teacher_dir, single_dir, workers,
                      {"two nodes": pair.wall_s, "one process": time.monotonic() - start})

@@ -97,8 +97,9 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
-    def announce(self, stage: str, failure: tuple[int, str] | None) -> None:
-        """Rank 0: tell the waiting ranks how its own ``stage`` ended (None, or (exit code, one-line error))."""
+    def announce(self, failure: tuple[int, str] | None) -> None:
+        """Rank 0: tell the ranks in :meth:`wait_for_main` how the stage it ran alone ended (None: it finished;
+        else its exit code and one-line error)."""
         if self.distributed:
             dist.broadcast_object_list([failure], src=0, group=self.control)
 
