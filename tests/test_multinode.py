@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, clone_run, run_cli, shared_dir
+from tests.conftest import ROOT, clone_run, kill_when_written, run_cli, shared_dir
 
 pytestmark = pytest.mark.slow
 
@@ -352,3 +352,17 @@ def test_two_nodes_distill_then_run_with_rank_0_alone_for_fuse_export_bench(modu
     assert lock_holder(run_dir) == main_pid
     print(f"distill on two nodes {distill_s:.0f} s; rank 1 gave up on a stopped rank 0 {waited:.1f} s after the stop; "
           f"run (fuse, export, bench, report on rank 0) {pair.wall_s:.0f} s")
+
+
+def test_a_checkpoint_of_one_process_resumes_on_two_nodes(module):
+    """Elastic membership: the world size changes between the checkpoint and the resume."""
+    run_dir = module.folder / "elastic"
+    kill_when_written([*module.command("teacher"), "--run-dir", str(run_dir)], run_dir / "teacher" / "metrics.jsonl")
+    with two_nodes(module.folder, module.command("teacher"), [run_dir, run_dir]) as pair:
+        assert pair.settle() == [0, 0], pair.outputs()
+    metrics = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1 and metrics["world_size"] == 2
+    diff = max_weight_diff(run_dir / "teacher" / "model.pt", module.single_dir / "teacher" / "model.pt")
+    assert diff <= PARAM_TOLERANCE, f"resumed on two nodes, weights differ from one process's by {diff:.2e}"
+    print(f"one process killed after epoch 1, resumed on two nodes: {pair.wall_s:.0f} s; "
+          f"max |w - w_single| = {diff:.2e}")

@@ -34,7 +34,9 @@ DEFAULT_TIMEOUT_S = {"gloo": 900.0, "nccl": 600.0}
 DEFAULT_WAIT_TIMEOUT_S = 7200.0
 DIAGNOSIS_MAX_S = 60.0  # how long a failed rank waits, at most, to learn which ranks still answer
 # what gloo and nccl say when a peer stops answering or its connection drops (they raise plain RuntimeErrors)
-_COMMUNICATION = re.compile(r"gloo|nccl|timed out|connection (closed|reset|refused)|broken pipe", re.IGNORECASE)
+_COMMUNICATION = re.compile(r"gloo|nccl|time(d)? ?out|connection (closed|reset|refused)|broken pipe|pair closure",
+                            re.IGNORECASE)
+_TIMEOUT = re.compile(r"time(d)? ?out", re.IGNORECASE)
 
 
 def seconds_setting(name: str, default: float) -> float:
@@ -142,7 +144,7 @@ class DistContext:
                     isinstance(exc, dist.DistError) or _COMMUNICATION.search(str(exc))):
                 raise
             what = (f"a collective waited {self.timeout_s:.0f} s (PIPELINE_DIST_TIMEOUT) in vain"
-                    if re.search("timed out", str(exc), re.IGNORECASE) else "lost the connection to another rank")
+                    if _TIMEOUT.search(str(exc)) else "lost the connection to another rank")
             raise RankFailedError(f"rank {self.rank}: {what}: {self.diagnose()}; rerun the same command to resume from "
                                   f"the last checkpoint (first error: {_first_line(exc)})") from None
 
