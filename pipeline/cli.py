@@ -205,11 +205,12 @@ def path_error(exc: OSError) -> BadInputError | None:
 
 
 @contextlib.contextmanager
-def no_trace_on_bad_input(run_dir: str | Path):
+def no_trace_on_bad_input(run_dir: str | Path, owner: bool = True):
     """A command that fails on bad input leaves no trace: a run directory it created is removed again, unless a
-    stage finished or checkpointed in it (work is never thrown away)."""
+    stage finished or checkpointed in it (work is never thrown away). Only its ``owner`` (rank 0 under torchrun)
+    removes anything."""
     path = Path(run_dir)
-    fresh = not path.exists()
+    fresh = owner and not path.exists()
     try:
         yield
     except BadInputError:
@@ -222,16 +223,18 @@ def no_trace_on_bad_input(run_dir: str | Path):
 
 
 @contextlib.contextmanager
-def writing(run_dir: str | Path, is_main: bool = True):
-    """The block writes ``run_dir``: one command at a time (the main process holds its lock), and no trace of a
-    fresh run directory when it fails on bad input."""
+def writing(run_dir: str | Path, ctx: Any = None):
+    """The block writes ``run_dir``: one command at a time (the main process holds its lock; under torchrun every
+    rank checks that it sees the directory rank 0 holds), no trace of a fresh run directory when it fails on bad
+    input, and a collective that fails (a rank stalled or died) is reported in one line that names the rank."""
     from pipeline.layout import RunLayout
     from pipeline.runlock import hold_run_dir
 
     layout = RunLayout(run_dir)
-    with no_trace_on_bad_input(layout.root):
-        with hold_run_dir(layout) if is_main else contextlib.nullcontext():
-            yield layout
+    with no_trace_on_bad_input(layout.root, owner=ctx is None or ctx.is_main):
+        with ctx.collective_failures() if ctx is not None else contextlib.nullcontext():
+            with hold_run_dir(layout, ctx):
+                yield layout
 
 
 def one_line(exc: BaseException) -> str:
@@ -317,7 +320,7 @@ def _run_stage(run_function: Callable, cfg: Any, params: dict[str, Any]) -> Any:
     from pipeline.stages import StageRun
 
     ctx = _context(params["device"])
-    with writing(params["run_dir"], ctx.is_main) as layout:
+    with writing(params["run_dir"], ctx) as layout:
         result = run_function(StageRun(cfg, layout, ctx, params["progress"]))
     if ctx.is_main:
         write_config(layout, cfg)
@@ -346,7 +349,8 @@ def run(**params: Any) -> None:
 
     Finished stages whose settings and inputs are unchanged are skipped, an interrupted stage resumes,
     and RUN_DIR/manifest.json records what happened. Exit codes: 2 bad input, 3 equivalence gate,
-    4 training diverged, 5 export failed, 6 cannot write (disk full or read-only).
+    4 training diverged, 5 export failed, 6 cannot write (disk full or read-only), 7 another torchrun rank
+    stalled, died or failed (docs/distributed.md).
     """
     from pipeline.layout import RunLayout
     from pipeline.orchestrate import run_pipeline
@@ -355,7 +359,7 @@ def run(**params: Any) -> None:
     cfg = _config(params, *RUN_GROUPS, models=overrides_models, profile=params["profile"],
                   extra={"baseline": params["baseline"], "baselines": params["baselines"]})
     run_dir, ctx = Path(params["run_dir"]), _context(params["device"])
-    with writing(run_dir, ctx.is_main):
+    with writing(run_dir, ctx):
         manifest = run_pipeline(cfg, run_dir, ctx, profile=params["profile"], force=params["force_stage"],
                                 progress=params["progress"])
     if ctx.is_main:

@@ -36,11 +36,23 @@ class StorageError(PipelineError):
     exit_code = 6
 
 
+class RankFailedError(PipelineError):
+    """Under torchrun: another rank stalled, died or failed (rank 0's failure keeps its own exit code)."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
 # Everything the CLI reports in one line with the failure's own exit code (GateFailedError: 3, ExportError: 5
 # and the runtime's InputError: 2 come from :mod:`exporters.errors`).
 FAILURES = (PipelineError, ExporterError)
 __all__ = ["BadInputError", "ExportError", "ExporterError", "FAILURES", "GateFailedError", "InputError",
-           "PipelineError", "StorageError", "TrainingDivergedError", "parse_list", "storage_error", "unknown_name"]
+           "PipelineError", "RankFailedError", "StorageError", "TrainingDivergedError", "parse_list", "storage_error",
+           "unknown_name"]
 
 STORAGE_ERRNOS = {"EROFS", "ENOSPC", "EDQUOT", "EACCES", "EPERM", "EFBIG"}
 

@@ -10,6 +10,7 @@ the input hashes, the ones after it. ``--force STAGE`` reruns from STAGE on.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -26,7 +27,8 @@ from pipeline.training.distributed import DistContext
 log = logging.getLogger(__name__)
 
 EXIT_CODES = {"0": "success", "1": "other pipeline failure", "2": "bad input", "3": "equivalence gate",
-              "4": "training diverged", "5": "export failed", "6": "cannot write (disk full, read-only)"}
+              "4": "training diverged", "5": "export failed", "6": "cannot write (disk full, read-only)",
+              "7": "another torchrun rank stalled, died or failed"}
 
 
 def check_run_dir(layout: RunLayout, cfg: PipelineConfig) -> None:
@@ -130,7 +132,10 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
         write_config(layout, cfg)
     run = StageRun(cfg, layout, ctx, progress)
     for spec in (instance for stage in STAGES for instance in stage.instances(cfg)):
-        if not spec.enabled(cfg) or (not spec.per_rank and not ctx.is_main):
+        if not spec.enabled(cfg):
+            continue
+        if not spec.per_rank and not ctx.is_main:  # rank 0 runs it alone and says how it ended
+            ctx.wait_for_main(spec.name)
             continue
         folder = spec.folder(layout)
         if ctx.is_main:
@@ -142,16 +147,23 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, ctx: DistContext, *, profil
         start = time.perf_counter()
         try:
             spec.run(run)
-        except (*FAILURES, OSError, KeyboardInterrupt) as exc:
-            if manifest:
-                code = getattr(exc, "exit_code", 6 if isinstance(exc, OSError) else 130)
+        except BaseException as exc:
+            known = isinstance(exc, (*FAILURES, OSError, KeyboardInterrupt))
+            code = getattr(exc, "exit_code", 6 if isinstance(exc, OSError) else 130 if known else 1)
+            error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if not spec.per_rank:
+                with contextlib.suppress(RuntimeError):  # the error below matters more than a lost rank
+                    ctx.announce((code, error))
+            if manifest and known:
                 try:
-                    manifest.stage(spec, "failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-                                   exit_code=code, wall_s=round(time.perf_counter() - start, 2))
+                    manifest.stage(spec, "failed", error=error, exit_code=code,
+                                   wall_s=round(time.perf_counter() - start, 2))
                     manifest.save("failed")
                 except OSError:
                     pass  # the run directory itself cannot be written: the error below says so
             raise
+        if not spec.per_rank:
+            ctx.announce(None)
         wall = round(time.perf_counter() - start, 2)
         if manifest:
             after = read_json(folder.marker)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_cli
 
 # SGD keeps float-rounding differences between 1 and 2 processes at rounding size (Adam would
 # amplify them for parameters whose gradients are near zero); Swin has no BatchNorm, whose
@@ -46,3 +46,11 @@ def test_torchrun_two_processes_match_single_process(tmp_path, stripes_root):
     assert max_diff <= PARAM_TOLERANCE, f"2-process and 1-process weights differ by {max_diff:.2e}"
     assert abs(ddp_metrics["test_loss"] - single_metrics["test_loss"]) < 1e-3
     print(f"max |w_ddp - w_single| = {max_diff:.2e}")
+
+
+def test_a_collective_timeout_that_is_not_a_number_is_refused_in_one_line(tmp_path, stripes_root):
+    result = run_cli(*COMMON, "--data-root", str(stripes_root), "--run-dir", str(tmp_path / "run"),
+                     env={"PIPELINE_DIST_TIMEOUT": "ten minutes"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == "error: PIPELINE_DIST_TIMEOUT='ten minutes' is not a positive number of seconds"
+    assert not (tmp_path / "run").exists()

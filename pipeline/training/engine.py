@@ -269,7 +269,12 @@ def fit(task: nn.Module, train_set: Dataset, test_set: Dataset, prep: BatchPrepr
         start_epoch, history = resume_state["epoch"], resume_state["history"]
         best_top1, best_epoch = resume_state["best_top1"], resume_state["best_epoch"]
         train_time, precision = resume_state["train_time_s"], resume_state["precision"]
-        restore_rng(resume_state["rng"][ctx.rank])
+        saved_rng = resume_state["rng"]
+        if len(saved_rng) == ctx.world_size:
+            restore_rng(saved_rng[ctx.rank])
+        else:  # torchrun's elastic membership changed the number of ranks: no random stream of this rank was saved
+            log.warning("%s: checkpoint written by %d processes, resumed by %d: random streams start afresh (data "
+                        "order and augmentation are unchanged)", label, len(saved_rng), ctx.world_size)
         log.info("resuming %s from epoch %d of %d (%s)", label, start_epoch, cfg.epochs, last_path)
     else:
         precision = choose_precision(cfg.precision, ctx.device)
