@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": ROOT / "Dockerfile", "gpu": ROOT / "Dockerfile.gpu"}
 REQUIREMENTS = ROOT / "requirements"
 LOCKS = {"cpu": REQUIREMENTS / "lock-cpu.txt", "gpu": REQUIREMENTS / "lock-gpu.txt"}
-SUBSET_LOCKS = ("lock-torch.txt", "lock-runtime.txt", "lock-runtime-openvino.txt")  # each within lock-cpu.txt
+SUBSET_LOCKS = ("lock-torch.txt", "lock-runtime.txt", "lock-runtime-openvino.txt", "lock-runtime-aarch64.txt",
+                "lock-runtime-openvino-aarch64.txt")  # each within lock-cpu.txt
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*(?:#.*)?$")
 BASE = re.compile(r"^FROM debian:bookworm-slim@sha256:[0-9a-f]{64}( AS \w+)?$")
 
@@ -138,11 +139,24 @@ def test_dockerfile_installs_only_hashed_locks(variant):
     assert 'ENTRYPOINT ["pipeline"]' in steps
 
 
-def test_runtime_dockerfile_installs_a_hashed_lock():
+def test_runtime_dockerfile_installs_a_hashed_lock_then_the_runtime_wheel():
+    """Third-party packages from the hashed runtime lock of the build's architecture (and the hashed build lock for
+    setuptools/wheel), then the kdiff-runtime wheel built from runtime/ with --no-deps; its console script is the
+    entrypoint."""
     steps = instructions(ROOT / "Dockerfile.runtime")
     assert all(BASE.match(s) for s in steps if s.startswith("FROM "))
     installs = [s for s in steps if "pip install" in s]
-    assert len(installs) == 1 and "--require-hashes -r" in installs[0] and "lock-runtime" in installs[0]
+    assert len(installs) == 2
+    assert "--require-hashes -r \"$lock\" -r requirements/lock-runtime-build.txt" in installs[0]
+    # the lock of the build's architecture: x86_64 by default, the aarch64 locks on linux/arm64
+    assert '"$(dpkg --print-architecture)" = arm64 ]; then arch=-aarch64' in installs[0]
+    assert "lock=requirements/lock-runtime$arch.txt" in installs[0]
+    assert "lock=requirements/lock-runtime-openvino$arch.txt" in installs[0]
+    copied = " ".join(s for s in steps if s.startswith("COPY requirements/"))
+    assert all(f"requirements/lock-runtime{v}{a}.txt" in copied for v in ("", "-openvino") for a in ("", "-aarch64"))
+    assert "pip wheel --no-cache-dir --no-deps --no-build-isolation -w /tmp/dist ./runtime" in installs[1]
+    assert "pip install --no-cache-dir --no-deps /tmp/dist/kdiff_runtime-*.whl" in installs[1]
+    assert 'ENTRYPOINT ["kdiff-runtime"]' in steps and not any("PYTHONPATH" in s for s in steps)
 
 
 def test_every_dockerfile_has_the_same_base_digest():
