@@ -114,7 +114,7 @@ class Classifier:
                 continue
             probs = _softmax(self.logits(self.normalize(np.stack(pixels))))
             for source, row in zip(chunk, probs):
-                order = np.argsort(-row)[:top_k]
+                order = rank_classes(row)[:top_k]
                 top = [(self.classes[i], float(row[i])) for i in order]
                 predictions.append(Prediction(str(source), int(order[0]), top[0][0], top[0][1], top))
         return predictions
@@ -127,6 +127,13 @@ def format_prediction(p: Prediction, as_json: bool = False) -> str:
                            "top": p.top})
     others = ", ".join(f"{label} {prob:.3f}" for label, prob in p.top[1:])
     return f"{p.source}: {p.label} ({p.probability:.3f})" + (f"  [{others}]" if others else "")
+
+
+def rank_classes(scores: np.ndarray) -> np.ndarray:
+    """Class indices from the highest score down; equal scores in index order (the first is ``argmax``). INT8 models
+    give exactly equal logits now and then, and numpy's default sort breaks such ties differently per CPU (x86's
+    AVX-512 sort and ARM's picked different classes for the same logits), so the order must be a stable one."""
+    return np.argsort(-scores, kind="stable")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
