@@ -3,8 +3,12 @@
 #   docker run --rm -v "$PWD/runs:/runs" kdiff-pipeline:cpu run --teacher swin --student shufflenetv2
 # The default --run-dir (runs/default) lands in the /runs volume; the container runs as uid 10001, so the
 # host folder must be writable by it (or pass --user "$(id -u):$(id -g)"). See docs/docker.md.
-# The base by digest (scripts/pin-base.sh refreshes it from the engine's debian:bookworm-slim; see docs/docker.md).
-FROM debian:bookworm-slim@sha256:425290bdcb6746a3dd7acb34cdbab77961424387427bf44f37335054d46bfc91
+# The base is a build argument. Its default, the tag, is what any engine pulls for the build's platform; pin the
+# digest your registry serves with --build-arg BASE=debian:bookworm-slim@sha256:... (or scripts/pin-base.sh, which
+# writes the engine's digest here). Machines without a registry pass their local base (scripts/docker-smoke.sh
+# does, and logs it). See docs/docker.md.
+ARG BASE=debian:bookworm-slim
+FROM ${BASE}
 
 # Debian's Python 3.11 with its venv module, and the built-in default data set (Fashion-MNIST, offline, in
 # /usr/share/datasets/fashion-mnist/). Pinned to bookworm's releases.

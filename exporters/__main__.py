@@ -2,6 +2,7 @@
 
     python -m exporters predict --model model.onnx IMAGE...     # the same answers as `pipeline predict`
     python -m exporters verify EXPORT_DIR                       # the same checks as `pipeline verify`
+    python -m exporters bench --model model_int8.onnx           # latency here: the timing of `pipeline bench`
 
 Exit codes as the pipeline's: 2 bad input (missing, unreadable or malformed files, metadata or images; a usage
 error), 3 a file that differs from its manifest or lies in the folder unlisted, 130 SIGINT, 143 SIGTERM.
@@ -59,6 +60,40 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import logging
+
+    from exporters.bench import bench_files
+    from exporters.latency import Budget, format_table, parse_batch_sizes
+    from exporters.machine import usable_cores
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    budget = Budget(threads=args.threads or usable_cores(), warmup=args.warmup, iterations=args.iterations,
+                    duration=args.duration)
+    result = bench_files(args.model, budget, parse_batch_sizes(args.batch_sizes))
+    print(format_table(result))
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as handle:
+                handle.write(text + "\n")
+    return 0
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got '{text}'")
+        return value
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m exporters", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument("folder")
     verify.add_argument("--json", action="store_true", help="the checks as one JSON object")
     verify.set_defaults(run=_verify)
+    bench = commands.add_parser("bench", help="latency of model files on this machine (p50/p90/p99 per batch size)",
+                                description="Latency on this machine, timed as `pipeline bench` times it: warm-up "
+                                "calls excluded, several files interleaved. Numbers from an emulated CPU (qemu) "
+                                "are not latencies.")
+    bench.add_argument("--model", required=True, action="append",
+                       help="an .onnx (ONNX Runtime) or .xml (OpenVINO) file; repeat to compare files")
+    bench.add_argument("--threads", type=_positive(int), help="inference threads (default: every usable core)")
+    bench.add_argument("--batch-sizes", default="1,32", help="comma-separated batch sizes (default 1,32)")
+    bench.add_argument("--warmup", type=_positive(int), default=10, help="untimed calls first (default 10)")
+    bench.add_argument("--duration", type=_positive(float), default=3.0,
+                       help="seconds of timed calls per batch size, all files together (default 3)")
+    bench.add_argument("--iterations", type=_positive(int), help="timed calls per file instead of --duration")
+    bench.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout)")
+    bench.set_defaults(run=_bench)
     args = parser.parse_args(argv)
     if getattr(args, "top_k", 1) < 1:
         parser.error("--top-k must be >= 1")

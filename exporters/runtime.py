@@ -127,7 +127,7 @@ class Classifier:
                 continue
             probs = _softmax(self.logits(self.normalize(np.stack(pixels))))
             for source, row in zip(chunk, probs):
-                order = np.argsort(-row)[:top_k]
+                order = rank_classes(row)[:top_k]
                 top = [(self.classes[i], float(row[i])) for i in order]
                 predictions.append(Prediction(str(source), int(order[0]), top[0][0], top[0][1], top))
         return predictions
@@ -155,6 +155,13 @@ def bounded_threads(requested: int | None) -> int | None:
         log.warning("--threads %d capped at %d: the cores this machine lets the process use", requested, available)
         return available
     return requested
+
+
+def rank_classes(scores: np.ndarray) -> np.ndarray:
+    """Class indices from the highest score down; equal scores in index order (the first is ``argmax``). INT8 models
+    give exactly equal logits now and then, and numpy's default sort breaks such ties differently per CPU (x86's
+    AVX-512 sort and ARM's picked different classes for the same logits), so the order must be a stable one."""
+    return np.argsort(-scores, kind="stable")
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

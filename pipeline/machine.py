@@ -1,34 +1,18 @@
-"""What a latency figure was measured on: CPU model, cores, ISA flags, GPU, library versions."""
+"""What a latency figure was measured on: :mod:`exporters.machine` (CPU model, cores, ISA flags, the runtimes)
+plus the GPU and torch."""
 from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
-# The instruction-set extensions that decide which kernels the runtimes pick (bf16/int8 paths especially).
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni",
-             "amx_tile", "amx_bf16", "amx_int8", "neon", "asimd", "asimddp", "i8mm", "sve")
+from exporters.machine import ISA_FLAGS, cpu_identity, cpuinfo, usable_cores
 
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model, flags
+__all__ = ["ISA_FLAGS", "cpu_identity", "gpu_info", "machine_info", "native_bf16", "usable_cores"]
 
 
 BF16_ISA = ("amx_bf16", "avx512_bf16", "bf16")  # x86 AMX, x86 AVX512-BF16, ARM BF16 (/proc/cpuinfo names)
@@ -39,21 +23,7 @@ def native_bf16(flags: set[str] | None = None) -> bool:
 
     Without it oneDNN emulates bf16 through conversions, which is rarely faster than fp32.
     """
-    return bool(set(BF16_ISA) & (_cpuinfo()[1] if flags is None else flags))
-
-
-def cpu_identity() -> dict[str, Any]:
-    """The CPU a check ran on: model, architecture and the ISA flags that pick the runtimes' kernels (INT8 answers
-    differ between VNNI, AMX, plain AVX2 and ARM's NEON/dot-product paths). Torch-free."""
-    model, flags = _cpuinfo()
-    return {"cpu": model, "arch": platform.machine(), "isa": sorted(f for f in ISA_FLAGS if f in flags)}
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    return bool(set(BF16_ISA) & (cpuinfo()[1] if flags is None else flags))
 
 
 def gpu_info() -> dict[str, Any] | None:
@@ -76,23 +46,15 @@ def gpu_info() -> dict[str, Any] | None:
 
 
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
-    import openvino
+    """:func:`exporters.machine.machine_info` with the GPU and torch's version."""
     import torch
 
-    cpu = cpu_identity()
-    return {
-        "cpu": cpu["cpu"],
-        "arch": cpu["arch"],
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable_cores(),
-        "isa": cpu["isa"],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "gpu": gpu_info(),
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "openvino": openvino.__version__},
-    }
+    from exporters import machine
+
+    info = machine.machine_info()
+    info["gpu"] = gpu_info()
+    info["versions"] = {"torch": torch.__version__, **info["versions"]}
+    return info
 
 
 def _busy_seconds(cores: set[int]) -> float | None:

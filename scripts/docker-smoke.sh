@@ -12,6 +12,7 @@
 # Usage: scripts/docker-smoke.sh [--no-build | --reproducible] [TAG [DOCKERFILE]]
 #        (default: kdiff-pipeline:cpu Dockerfile)
 # Engine: $CONTAINER if set, else ../shared/tools/container (podman on machines without Docker), else docker.
+# Base: $BASE (NAME@sha256:DIGEST), else the engine's debian:bookworm-slim by digest (scripts/base-image.sh).
 # Run directory: $SMOKE_RUNS (default: a new temporary folder), mounted at /runs; the run is /runs/tiny.
 # Extra flags of `pipeline run`: $SMOKE_ARGS (default: --precision fp32 --no-progress).
 set -euo pipefail
@@ -36,6 +37,10 @@ image_size() {  # bytes, from whichever engine built the image
 engine() {  # the engine itself, for what the container tool does not wrap (inspect, rmi, prune)
   if [ "$CONTAINER" = docker ]; then docker "$@"; else podman "$@"; fi
 }
+if [ $build -eq 1 ]; then  # the base, by digest, passed to every build and logged (scripts/base-image.sh)
+  base=$(ENGINE=$([ "$CONTAINER" = docker ] && echo docker || echo podman) scripts/base-image.sh)
+  log "base: $base"
+fi
 
 if [ $reproducible -eq 1 ]; then
   work=$(mktemp -d /tmp/kdiff-repro.XXXXXX)
@@ -46,7 +51,7 @@ if [ $reproducible -eq 1 ]; then
     git clone -q "$PWD" "$work/clone-$n"
     log "build $n of $TAG from a fresh clone of $(git rev-parse --short HEAD), no cache"
     start=$(date +%s)
-    (cd "$work/clone-$n" && "$CONTAINER" build -f "$DOCKERFILE" -t "$TAG" .)
+    (cd "$work/clone-$n" && "$CONTAINER" build --build-arg BASE="$base" -f "$DOCKERFILE" -t "$TAG" .)
     log "build $n: $(( $(date +%s) - start )) s, image id $(engine image inspect --format '{{.Id}}' "$TAG" | cut -c1-19)"
     "$CONTAINER" run --entrypoint=pip "$TAG" freeze --all >"$work/freeze-$n.txt"
   done
@@ -79,7 +84,7 @@ fi
 if [ $build -eq 1 ]; then
   log "building $TAG from $DOCKERFILE with $CONTAINER"
   start=$(date +%s)
-  "$CONTAINER" build -f "$DOCKERFILE" -t "$TAG" .
+  "$CONTAINER" build --build-arg BASE="$base" -f "$DOCKERFILE" -t "$TAG" .
   log "build time: $(( $(date +%s) - start )) s"
 fi
 size=$(image_size)

@@ -7,9 +7,13 @@
 #   requirements/lock-torch.txt    torch + torchvision and their dependencies only (the images' first layer)
 #   requirements/lock-gpu.txt      the CPU lock + onnxruntime-gpu in place of onnxruntime (requirements/gpu.in)
 #   requirements/lock-runtime.txt  numpy, Pillow, onnxruntime (Dockerfile.runtime); -openvino.txt adds OpenVINO
+#   requirements/lock-runtime-aarch64.txt, lock-runtime-openvino-aarch64.txt   the same for linux/arm64 (aarch64)
+#   requirements/lock-runtime-build.txt   setuptools + wheel: what builds the kdiff-runtime wheel (runtime/) in an
+#                                  image (pure Python, one lock for every architecture)
 # All but the first are compiled with -c requirements/lock-cpu.txt, so a package has one version everywhere.
 # They target the Docker images' interpreter and platform (CPython 3.11, x86_64 manylinux_2_28, i.e. Debian
-# bookworm), whatever machine runs this script, and resolve against PyPI.
+# bookworm; the aarch64 locks: aarch64 manylinux_2_28, and manylinux_2_35 with OpenVINO, whose aarch64 wheel needs
+# it; bookworm's glibc is 2.36), whatever machine runs this script, and resolve against PyPI.
 # Used by: the Dockerfiles and scripts/bootstrap.sh (the host install that `make setup` / `make test` run).
 #
 # Usage: scripts/lock.sh [--upgrade]     (default: keep the current pins that still fit, add/remove what changed;
@@ -29,9 +33,10 @@ if [ -z "${UV:-}" ]; then
   fi
 fi
 
-common=(--python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes
-        --annotation-style line --custom-compile-command scripts/lock.sh --quiet)
-[ "${1:-}" = "--upgrade" ] && common+=(--upgrade)
+options=(--python-version 3.11 --generate-hashes --annotation-style line --custom-compile-command scripts/lock.sh
+         --quiet)
+[ "${1:-}" = "--upgrade" ] && options+=(--upgrade)
+common=(--python-platform x86_64-manylinux_2_28 "${options[@]}")
 
 "$UV" pip compile "${common[@]}" --extra test pyproject.toml requirements/cpu.in -o requirements/lock-cpu.txt
 pinned=(-c requirements/lock-cpu.txt)
@@ -41,6 +46,11 @@ pinned=(-c requirements/lock-cpu.txt)
 "$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/runtime.in -o requirements/lock-runtime.txt
 "$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/runtime-openvino.in \
   -o requirements/lock-runtime-openvino.txt
+"$UV" pip compile "${common[@]}" "${pinned[@]}" requirements/runtime-build.in -o requirements/lock-runtime-build.txt
+"$UV" pip compile --python-platform aarch64-manylinux_2_28 "${options[@]}" "${pinned[@]}" requirements/runtime.in \
+  -o requirements/lock-runtime-aarch64.txt
+"$UV" pip compile --python-platform aarch64-manylinux_2_35 "${options[@]}" "${pinned[@]}" \
+  requirements/runtime-openvino.in -o requirements/lock-runtime-openvino-aarch64.txt
 for lock in requirements/lock-*.txt; do
   echo "[lock] wrote $lock ($(grep -c '^[A-Za-z0-9].*==' "$lock") pins)" >&2
 done

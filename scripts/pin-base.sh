@@ -1,19 +1,17 @@
 #!/usr/bin/env bash
-# Pins the Dockerfiles' base image by digest: reads the digest of the container engine's debian:bookworm-slim
-# (after `docker pull debian:bookworm-slim`, or the image ../shared/tools/container makes locally) and writes it
-# into every FROM line of Dockerfile, Dockerfile.gpu and Dockerfile.runtime. Run it to move to a newer base on
-# purpose (then rebuild and rerun scripts/docker-smoke.sh); a build never picks a new base by itself.
+# Pins the Dockerfiles' default base by digest: writes the engine's debian:bookworm-slim as NAME@sha256:DIGEST
+# (scripts/base-image.sh; after `docker pull debian:bookworm-slim` this is the multi-architecture index digest the
+# registry serves, which pins amd64 and arm64 alike) into the `ARG BASE=` line of Dockerfile, Dockerfile.gpu and
+# Dockerfile.runtime. Run it to move to a newer base on purpose (then rebuild and rerun scripts/docker-smoke.sh);
+# a build never picks a new base by itself. Do not commit the digest of a base made locally (no other machine
+# has it); pass such a base per build instead: --build-arg BASE=..., as the smoke scripts do.
 #
 # Usage: scripts/pin-base.sh [IMAGE]          (default: debian:bookworm-slim)
 # Engine: $ENGINE if set, else docker when its daemon answers, else podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-image=${1:-debian:bookworm-slim}
-engine=${ENGINE:-$(docker info >/dev/null 2>&1 && echo docker || echo podman)}
-repo_digest=$("$engine" image inspect --format '{{index .RepoDigests 0}}' "$image")
-digest=${repo_digest##*@}
-case "$digest" in sha256:*) ;; *) echo "[pin-base] no digest for $image (got '$repo_digest')" >&2; exit 1;; esac
+base=$(BASE='' scripts/base-image.sh "${1:-debian:bookworm-slim}")
 for file in Dockerfile Dockerfile.gpu Dockerfile.runtime; do
-  sed -E -i "s#^FROM debian:bookworm-slim(@sha256:[0-9a-f]{64})?#FROM debian:bookworm-slim@$digest#" "$file"
+  sed -E -i "s#^ARG BASE=.*#ARG BASE=$base#" "$file"
 done
-echo "[pin-base] Dockerfile, Dockerfile.gpu, Dockerfile.runtime: FROM debian:bookworm-slim@$digest" >&2
+echo "[pin-base] Dockerfile, Dockerfile.gpu, Dockerfile.runtime: ARG BASE=$base" >&2

@@ -7,6 +7,7 @@
 #   EXPORT_DIR: an export folder made by the pipeline (e.g. runs/default/export); IMAGE...: image files to
 #   classify (default: 8 test images of Fashion-MNIST written as PNG).
 # Engine: $CONTAINER if set, else ../shared/tools/container (podman on machines without Docker), else docker.
+# Base: $BASE (NAME@sha256:DIGEST), else the engine's debian:bookworm-slim by digest (scripts/base-image.sh).
 # Build arguments: $RUNTIME_BUILD_ARGS (e.g. "--build-arg OPENVINO=1"); tag: $RUNTIME_TAG (default kdiff-runtime).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +27,12 @@ if [ -z "${CONTAINER:-}" ]; then
   else log "no container engine: set CONTAINER, or install docker"; exit 2; fi
 fi
 if [ $build -eq 1 ]; then
-  log "building $TAG from Dockerfile.runtime with $CONTAINER"
+  # the base, by digest: $BASE, else the engine's own debian:bookworm-slim (scripts/base-image.sh)
+  base=$(ENGINE=$([ "$CONTAINER" = docker ] && echo docker || echo podman) scripts/base-image.sh)
+  log "building $TAG from Dockerfile.runtime with $CONTAINER on base $base"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  "$CONTAINER" build -f Dockerfile.runtime ${RUNTIME_BUILD_ARGS:-} -t "$TAG" .
+  "$CONTAINER" build --build-arg BASE="$base" -f Dockerfile.runtime ${RUNTIME_BUILD_ARGS:-} -t "$TAG" .
   log "build time: $(( $(date +%s) - start )) s"
 fi
 if [ "$CONTAINER" = docker ]; then size=$(docker image inspect -f '{{.Size}}' "$TAG")

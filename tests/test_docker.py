@@ -20,9 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": ROOT / "Dockerfile", "gpu": ROOT / "Dockerfile.gpu"}
 REQUIREMENTS = ROOT / "requirements"
 LOCKS = {"cpu": REQUIREMENTS / "lock-cpu.txt", "gpu": REQUIREMENTS / "lock-gpu.txt"}
-SUBSET_LOCKS = ("lock-torch.txt", "lock-runtime.txt", "lock-runtime-openvino.txt")  # each within lock-cpu.txt
+SUBSET_LOCKS = ("lock-torch.txt", "lock-runtime.txt", "lock-runtime-openvino.txt", "lock-runtime-aarch64.txt",
+                "lock-runtime-openvino-aarch64.txt")  # each within lock-cpu.txt
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)\s*(?:#.*)?$")
-BASE = re.compile(r"^FROM debian:bookworm-slim@sha256:[0-9a-f]{64}( AS \w+)?$")
+# The base is a build argument whose default any engine can pull (the tag, or a digest of it from a registry); every
+# FROM uses it, so machines without a registry pass their local base (the smoke scripts do, scripts/base-image.sh).
+BASE_ARG = re.compile(r"^ARG BASE=debian:bookworm-slim(@sha256:[0-9a-f]{64})?$")
+FROM_BASE = re.compile(r"^FROM \$\{BASE\}( AS \w+)?$")
+LOCAL_DIGEST = "sha256:425290bdcb6746a3dd7acb34cdbab77961424387427bf44f37335054d46bfc91"  # made here: nowhere else
 
 
 def read_lock(path: Path) -> dict[str, Version]:
@@ -124,7 +129,7 @@ def test_dockerfile_installs_only_hashed_locks(variant):
     --require-hashes (torch first, the same step in both images), the package itself with --no-deps, non-root user,
     /runs volume, `pipeline` entrypoint."""
     steps = instructions(DOCKERFILES[variant])
-    assert BASE.match(steps[0]), steps[0]
+    assert BASE_ARG.match(steps[0]) and FROM_BASE.match(steps[1]), steps[:2]
     apt = [s for s in steps if "apt-get install" in s]
     assert apt and all("--no-install-recommends" in s and "rm -rf /var/lib/apt/lists/*" in s for s in apt)
     assert all(p in apt[0] for p in ("python3=", "python3-venv=", "dataset-fashion-mnist="))
@@ -138,18 +143,60 @@ def test_dockerfile_installs_only_hashed_locks(variant):
     assert 'ENTRYPOINT ["pipeline"]' in steps
 
 
-def test_runtime_dockerfile_installs_a_hashed_lock():
+def test_runtime_dockerfile_installs_a_hashed_lock_then_the_runtime_wheel():
+    """Third-party packages from the hashed runtime lock of the build's architecture (and the hashed build lock for
+    setuptools/wheel), then the kdiff-runtime wheel built from runtime/ with --no-deps; its console script is the
+    entrypoint."""
     steps = instructions(ROOT / "Dockerfile.runtime")
-    assert all(BASE.match(s) for s in steps if s.startswith("FROM "))
+    assert BASE_ARG.match(steps[0]) and all(FROM_BASE.match(s) for s in steps if s.startswith("FROM "))
     installs = [s for s in steps if "pip install" in s]
-    assert len(installs) == 1 and "--require-hashes -r" in installs[0] and "lock-runtime" in installs[0]
+    assert len(installs) == 2
+    assert "--require-hashes -r \"$lock\" -r requirements/lock-runtime-build.txt" in installs[0]
+    # the lock of the build's architecture: x86_64 by default, the aarch64 locks on linux/arm64
+    assert '"$(dpkg --print-architecture)" = arm64 ]; then arch=-aarch64' in installs[0]
+    assert "lock=requirements/lock-runtime$arch.txt" in installs[0]
+    assert "lock=requirements/lock-runtime-openvino$arch.txt" in installs[0]
+    copied = " ".join(s for s in steps if s.startswith("COPY requirements/"))
+    assert all(f"requirements/lock-runtime{v}{a}.txt" in copied for v in ("", "-openvino") for a in ("", "-aarch64"))
+    assert "pip wheel --no-cache-dir --no-deps --no-build-isolation -w /tmp/dist ./runtime" in installs[1]
+    assert "pip install --no-cache-dir --no-deps /tmp/dist/kdiff_runtime-*.whl" in installs[1]
+    assert 'ENTRYPOINT ["kdiff-runtime"]' in steps and not any("PYTHONPATH" in s for s in steps)
 
 
-def test_every_dockerfile_has_the_same_base_digest():
-    """scripts/pin-base.sh rewrites them together; a half-refreshed set would build on two different bases."""
-    froms = {s.split()[1] for f in (*DOCKERFILES.values(), ROOT / "Dockerfile.runtime") for s in instructions(f)
-             if s.startswith("FROM ")}
-    assert len(froms) == 1, froms
+def test_every_dockerfile_builds_on_the_same_pullable_base():
+    """One `ARG BASE=` default in all three files (scripts/pin-base.sh rewrites them together), every FROM takes it,
+    and no file names the digest of the base this kind of machine makes locally (no registry has it)."""
+    files = (*DOCKERFILES.values(), ROOT / "Dockerfile.runtime")
+    defaults = {s for f in files for s in instructions(f) if s.startswith("ARG BASE=")}
+    assert len(defaults) == 1 and BASE_ARG.match(defaults.pop())
+    for f in files:
+        steps = instructions(f)
+        assert BASE_ARG.match(steps[0]), f"{f.name}: the base argument comes first"
+        assert all(FROM_BASE.match(s) for s in steps if s.startswith("FROM ")), f.name
+        assert LOCAL_DIGEST not in f.read_text(), f"{f.name} pins a base that exists only where it was made"
+
+
+@pytest.mark.parametrize("script", ["docker-smoke.sh", "runtime-smoke.sh"])
+def test_the_smoke_scripts_build_on_an_explicit_base(script):
+    text = (ROOT / "scripts" / script).read_text()
+    builds = [line for line in text.splitlines() if re.search(r'"\$CONTAINER" build ', line)]
+    assert builds and all('--build-arg BASE="$base"' in line for line in builds), builds
+    assert "scripts/base-image.sh" in text
+    assert any(line.strip().startswith("log ") and "$base" in line for line in text.splitlines()), "logged"
+
+
+def test_base_image_prints_the_given_base_or_explains_a_missing_one(tmp_path):
+    script = str(ROOT / "scripts" / "base-image.sh")
+    given = f"debian:bookworm-slim@{LOCAL_DIGEST}"
+    result = subprocess.run(["bash", script], capture_output=True, text=True, env={"BASE": given, "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0 and result.stdout.strip() == given
+    engine = tmp_path / "engine"  # an engine that has no such image
+    engine.write_text("#!/bin/sh\necho 'Error: debian:bookworm-slim: image not known' >&2\nexit 125\n")
+    engine.chmod(0o755)
+    result = subprocess.run(["bash", script], capture_output=True, text=True,
+                            env={"ENGINE": str(engine), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1 and "has no debian:bookworm-slim with a digest" in result.stderr
+    assert "set BASE" in result.stderr and not result.stdout
 
 
 def test_dockerfiles_differ_only_where_the_gpu_needs_it():

@@ -114,10 +114,12 @@ def test_the_circle_finder_finds_circles():
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_the_shipped_runtime_imports_no_torch():
-    """``exporters.runtime`` and every project module it loads at import time import neither torch nor pipeline."""
+@pytest.mark.parametrize("entry", ["exporters.runtime", "exporters.verify", "exporters.bench"])
+def test_the_shipped_runtime_imports_no_torch(entry):
+    """The device commands' modules (predict, verify, bench) and every project module they load at import time
+    import neither torch nor pipeline."""
     modules = project_modules()
-    seen, todo = set(), ["exporters.runtime"]
+    seen, todo = set(), [entry]
     while todo:
         name = todo.pop()
         if name in seen:

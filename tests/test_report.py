@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.layout import RunLayout
-from pipeline.stages.bench import noisy
+from exporters.latency import noisy
 from pipeline.stages.report import accuracy_bars, collect, latency_bars, write_report
 from tests.conftest import clone_run
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from exporters.formats import IR_FILE, IR_INT8_FILE, ONNX_FILE, ONNX_INT8_FILE
-from exporters.latency import BACKENDS, DEVICES, Budget, Variant, measure_target, ratios, targets_for
+from exporters.latency import (BACKENDS, DEVICES, Budget, Variant, format_table, latency_result, measure_target,
+                               parse_batch_sizes, ratios, targets_for)
 from models import build_model
 from pipeline.config import BenchConfig
 from pipeline.errors import BadInputError, parse_list
@@ -34,16 +35,6 @@ log = logging.getLogger(__name__)
 
 def parse_devices(text: str) -> tuple[str, ...]:
     return DEVICES if text.strip().lower() == "all" else parse_list(text, DEVICES, "device")
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise BadInputError(f"batch sizes must be integers separated by commas, got '{text}'") from None
-    if not sizes or min(sizes) < 1:
-        raise BadInputError(f"batch sizes must be >= 1, got '{text}'")
-    return sizes
 
 
 def module_digest(module: torch.nn.Module, meta: dict[str, Any]) -> str:
@@ -142,80 +133,13 @@ def run_bench(layout: RunLayout, backends: Sequence[str] = BACKENDS, devices: Se
     with other_load() as load:
         for target in targets_for(backends, devices):
             rows += measure_target(target, variants, batch_sizes, size, budget)
-    result = {
-        "machine": machine_info(),
-        "load": load,
-        "model": {"architecture": info["architecture"], "input_size": info["input_size"]},
-        "budget": {"threads": budget.threads, "warmup": budget.warmup, "iterations": budget.iterations,
-                   "duration_s": None if budget.iterations else budget.duration, "slice_s": budget.slice_s, "rewarm": budget.rewarm},
-        "batch_sizes": list(batch_sizes),
-        "results": rows,
-        "ratios": ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused") + ratios(rows, "int8", "fused"),
-    }
+    result = latency_result(machine_info(), {"architecture": info["architecture"], "input_size": info["input_size"]},
+                            budget, batch_sizes, rows, ratios(rows, "fused", "stock") + ratios(rows, "fused", "unfused")
+                            + ratios(rows, "int8", "fused"), load=load)
     atomic_write_json(stage.folder.latency, result)
     log.info("bench:\n%s", format_table(result))
     return stage.mark_complete(settings_hash, list(STAGE.outputs),
                                {"rows": len(rows), "skipped": sum(r["status"] == "skipped" for r in rows)})
-
-
-# When a latency figure says more about the machine than about the model.
-SPREAD_LIMIT = 1.5  # p90 / p50 above this: calls of the same model took very different times
-LOAD_LIMIT = 0.10  # share of the benchmark's cores that other processes used while it measured
-
-
-def noisy(row: dict[str, Any]) -> str | None:
-    """Why a measured row's latency is not to be trusted (its spread), or None."""
-    if row.get("status") != "ok" or not row.get("p50_ms"):
-        return None
-    spread = row["p90_ms"] / row["p50_ms"]
-    if spread > SPREAD_LIMIT or row["std_ms"] > row["mean_ms"] / 2:
-        return f"p90 {spread:.1f}x p50, std {row['std_ms']:.3g} ms on a mean of {row['mean_ms']:.3g} ms"
-    return None
-
-
-def load_warning(result: dict[str, Any]) -> str | None:
-    """A sentence when other processes used the benchmark's cores while it measured, else None."""
-    load = result.get("load") or {}
-    other = load.get("other_busy")
-    if other is None or other <= LOAD_LIMIT:
-        return None
-    return (f"other processes used {100 * other:.0f}% of the {load['cores']} cores' time while the benchmark ran "
-            f"(load average {load.get('loadavg_1m')}): every figure is slower and noisier than on an idle machine")
-
-
-def format_table(result: dict[str, Any]) -> str:
-    machine = result["machine"]
-    gpu = machine.get("gpu")
-    def target_of(r: dict[str, Any]) -> str:
-        return f"{r['backend']}" + (f"[{r['provider']}]" if r["provider"] else "") + f"/{r['device']}"
-
-    width = max([len("target"), *(len(target_of(r)) for r in result["results"])]) + 2  # the longest name fits
-    lines = [f"latency of {result['model']['architecture']} {'x'.join(map(str, result['model']['input_size']))} "
-             f"on {machine['cpu']} ({machine['usable_cores']} cores usable; ISA {', '.join(machine['isa']) or '-'})"
-             + (f", GPU {gpu['name']}" if gpu else ", no GPU") + f"; {result['budget']['threads']} threads per backend",
-             f"{'target':<{width}}{'variant':<9}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
-             f"{'mean+-std ms':>18}{'img/s':>10}"]
-    skipped_targets: set[tuple[str, str]] = set()
-    for r in result["results"]:
-        target = target_of(r)
-        if r["status"] != "ok":
-            if (target, r["reason"]) not in skipped_targets:  # one line per unavailable target
-                skipped_targets.add((target, r["reason"]))
-                lines.append(f"{target:<{width}}skipped: {r['reason']}")
-            continue
-        lines.append(f"{target:<{width}}{r['variant']:<9}{r['batch']:>6}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}"
-                     f"{r['p99_ms']:>10.3f}{r['mean_ms']:>10.3f}+-{r['std_ms']:<6.3f}{r['throughput_ips']:>10.1f}")
-    warning = load_warning(result)
-    if warning:
-        lines.append(f"warning: {warning}")
-    shaky = [r for r in result["results"] if noisy(r)]
-    if shaky:
-        lines.append(f"warning: {len(shaky)} figures spread widely (p90 > {SPREAD_LIMIT}x p50 or std > mean/2): "
-                     + ", ".join(f"{target_of(r)} {r['variant']} b{r['batch']}" for r in shaky))
-    if result["ratios"]:
-        lines.append("p50 ratios: " + "; ".join(
-            f"{q['backend']}/{q['device']} b{q['batch']} {q['ratio']} {q['p50_ratio']:.3f}" for q in result["ratios"]))
-    return "\n".join(lines)
 
 
 def run_configured_bench(layout: RunLayout, b: BenchConfig, reuse: bool) -> dict[str, Any]:

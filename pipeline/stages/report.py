@@ -15,7 +15,7 @@ from typing import Any
 from pipeline import names
 from pipeline.layout import RunLayout
 from pipeline.stages.base import Stage, StageSpec
-from pipeline.stages.bench import SPREAD_LIMIT, load_warning, noisy
+from exporters.latency import SPREAD_LIMIT, load_warning, noisy
 from pipeline.training.checkpoint import (atomic_write, atomic_write_json, atomic_write_text, file_sha256, read_json,
                                          settings_digest)
 
