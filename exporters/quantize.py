@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -183,14 +184,14 @@ def quantize_openvino(source: Path, target: Path, calibration: np.ndarray, setti
 
 # --------------------------------------------------------------------------- the gate
 
-@dataclass
+@dataclass(frozen=True)
 class Int8Result:
     """One INT8 artifact judged against the float export on the same labelled images.
 
     It fails only where a 95% interval (:mod:`exporters.gate_stats`) lies wholly beyond its limit: a top-1 drop
     whose interval is above ``max_drop``, or an agreement whose interval is below ``min_agreement``. A point
     estimate past a limit whose interval still reaches back inside it passes as ``within noise``: too few
-    images to tell (the report says so and how many images would)."""
+    images to tell (the report says so)."""
 
     file: str
     float_file: str
@@ -214,11 +215,11 @@ class Int8Result:
         """Percent of images with the same top-1 class."""
         return 100.0 * self.counts.agree / max(self.counts.images, 1)
 
-    @property
+    @cached_property
     def drop_interval(self) -> tuple[float, float]:
         return self.counts.drop_interval(self.confidence)
 
-    @property
+    @cached_property
     def agreement_interval(self) -> tuple[float, float]:
         return self.counts.agreement_interval(self.confidence)
 

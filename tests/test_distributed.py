@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, run_cli
@@ -54,3 +55,16 @@ def test_a_collective_timeout_that_is_not_a_number_is_refused_in_one_line(tmp_pa
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip() == "error: PIPELINE_DIST_TIMEOUT='ten minutes' is not a positive number of seconds"
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12"])
+def test_a_collective_timeout_past_a_week_is_refused_in_one_line(monkeypatch, value):
+    """inf (or a typo's 10^12 s) passed the positivity check, and a timedelta cannot hold inf."""
+    from pipeline.errors import BadInputError
+    from pipeline.training.distributed import seconds_setting
+
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT", value)
+    with pytest.raises(BadInputError, match="is over a week"):
+        seconds_setting("PIPELINE_DIST_TIMEOUT", 900.0)
+    monkeypatch.setenv("PIPELINE_DIST_TIMEOUT", "120")
+    assert seconds_setting("PIPELINE_DIST_TIMEOUT", 900.0) == 120.0

@@ -298,3 +298,24 @@ def test_the_bench_exports_a_variant_again_only_when_its_model_or_file_changed(t
     damaged.replace(path)  # a damaged file is never reused
     export_variant_onnx(model, path, meta)
     np.testing.assert_allclose(run_file(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", ""])
+def test_external_data_outside_the_export_folder_is_refused(tmp_path, location):
+    """The manifest lists and hashes the files a model's external data names: never one outside its folder."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.errors import BadInputError
+    from pipeline.layout import StageFolder
+    from pipeline.stages.export import external_data_files
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    weight.ClearField("float_data")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value=location)
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [weight])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    with pytest.raises(BadInputError, match="outside its folder"):
+        external_data_files(StageFolder(tmp_path), ["model.onnx"])

@@ -294,7 +294,9 @@ def external_data_files(folder: StageFolder, files: Sequence[str]) -> list[str]:
             continue
         for tensor in _get_all_tensors(onnx.load(str(folder / name), load_external_data=False)):
             if uses_external_data(tensor):
-                location = next(e.value for e in tensor.external_data if e.key == "location")
+                location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+                if not location or PurePosixPath(location).is_absolute() or ".." in PurePosixPath(location).parts:
+                    raise BadInputError(f"{folder / name} names external data {location!r} outside its folder")
                 relative = (PurePosixPath(name).parent / location).as_posix()
                 if relative not in files and relative not in found:
                     found.append(relative)

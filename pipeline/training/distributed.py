@@ -39,6 +39,9 @@ _COMMUNICATION = re.compile(r"gloo|nccl|time(d)? ?out|connection (closed|reset|r
 _TIMEOUT = re.compile(r"time(d)? ?out", re.IGNORECASE)
 
 
+MAX_SECONDS = 7 * 24 * 3600.0  # a week: longer is a typo, not a timeout
+
+
 def seconds_setting(name: str, default: float) -> float:
     """A positive number of seconds from the environment variable ``name`` (``default`` when unset)."""
     text = os.environ.get(name, "").strip()
@@ -48,8 +51,10 @@ def seconds_setting(name: str, default: float) -> float:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
+    if not value > 0:  # (NaN too)
         raise BadInputError(f"{name}={text!r} is not a positive number of seconds")
+    if not value <= MAX_SECONDS:  # inf too: a timedelta cannot hold it
+        raise BadInputError(f"{name}={text!r} is over a week ({MAX_SECONDS:g} s): a typo, not a timeout")
     return value
 
 
@@ -194,7 +199,8 @@ def init_distributed(device: str = "auto") -> DistContext:
 def _warn_of_shared_store(rank: int) -> None:
     """torchrun's default store shared with its rendezvous outlives a restart, and a restarted group may read the
     last round's addresses from it and fail to connect (pytorch/pytorch#135712): restarts need it off."""
-    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    text = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0").strip()
+    restarts = int(text) if text.isdigit() else 0  # torchrun sets it; anything else is not a restart count
     if rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         log.warning("torchrun --max-restarts=%d shares its rendezvous store with the workers: a restarted group can "
                     "then fail to connect; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
