@@ -78,6 +78,8 @@ STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
     ("--method", "method", dict(help="kd (default), kdiffusion, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, crd, none "
                                      "(student alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
+    ("--student-subset", "subset", dict(type=int, help="labelled images the student trains on, drawn from the "
+                                                       "teacher's training images (default: all of them)")),
     # not "--m": under torchrun, argparse would take it for an abbreviation of its own options
     ("--branches", "m", dict(type=int, help="parallel branches m per distillation point (1-8, default 4)")),
     ("--points", "points", dict(type=click.Choice(["single", "multi"]), help="distillation points")),

@@ -95,13 +95,21 @@ class TeacherConfig(_Strict):
 STUDENT_RECIPE: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01, "grad_clip": None}
 
 
+# The measurement that chose the default method and its options: a results file of benchmarks/kd_methods.py and
+# its row. Every run's report names it; tests/test_kd_protocol.py holds the defaults to that row.
+DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-06-kd-methods.md", "row": "KD",
+                           "pair": "ResNet-34 teacher -> ShuffleNetV2 x0.5"}
+
+
 class StudentConfig(_Strict):
     model: str = "shufflenetv2"
-    # KD, not KDiffusion: under one tuning protocol KD beat KDiffusion by 1.0 point (paired, 5 seeds;
-    # benchmarks/results/2026-12-05-kd-methods.md). `--method kdiffusion` is one flag away.
-    method: str = "kd"
+    method: str = "kd"  # what DEFAULT_METHOD_EVIDENCE chose; `--method kdiffusion` is one flag away
     method_options: dict[str, Any] = Field(default_factory=dict, description="options of the method, by name")
     teacher_ckpt: Optional[str] = Field(None, description="teacher model.pt (default RUN_DIR/teacher/model.pt)")
+    subset: Optional[int] = Field(
+        None, gt=0, description="labelled images the student trains on, drawn (stratified, seeded) from the "
+        "teacher's training images; default: all of them. The few-labels setting: a teacher trained on every "
+        "labelled image, a student (and the student alone it is compared with) on fewer")
     m: int = Field(4, ge=1, le=8, description="parallel branches at each distillation point")
     points: Literal["single", "multi"] = "single"
     rep_blocks: Literal["none", "repvgg", "dbb"] = "none"

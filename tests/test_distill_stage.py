@@ -126,3 +126,18 @@ def test_the_teachers_precision_is_a_setting_in_the_fingerprint(stripes_teacher,
     second = json.loads((run_dir / "student" / "stage.json").read_text())
     assert second["settings_hash"] == first["settings_hash"] + "-teacher-bf16"
     assert second["arch"]["teacher"]["precision"] == "bf16" and "bf16_top1_agreement" in second["arch"]["teacher"]
+
+
+def test_the_student_can_train_on_fewer_labelled_images_than_its_teacher(stripes_teacher, stripes_root, tmp_path):
+    """``--student-subset``: the few-labels setting (a teacher on every image, the student on a stratified few)."""
+    run_dir = clone_run(stripes_teacher, tmp_path / "run")
+    common = ["distill", "--student", "shufflenetv2_x0_5", "--data-root", str(stripes_root), "--epochs", "1",
+              "--run-dir", str(run_dir), *TINY]
+    result = run_cli(*common, "--student-subset", "80")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((run_dir / "student" / "metrics.json").read_text())
+    teacher = json.loads((run_dir / "teacher" / "metrics.json").read_text())
+    assert (meta["train_images"], teacher["train_images"]) == (80, 320)
+    too_many = run_cli(*common, "--student-subset", "321")
+    assert too_many.returncode == 2, too_many.stderr
+    assert "student.subset: 321 is larger than the split (320 images)" in too_many.stderr

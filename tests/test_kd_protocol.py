@@ -158,7 +158,7 @@ def test_each_methods_defaults_are_the_setting_the_protocol_chose(protocol):
     from pipeline.methods.base import method_settings
 
     chosen = chosen_in(EVIDENCE.read_text())
-    methods = {label: method for method, label in protocol.LABELS.items()}
+    methods = {label: method for method, label in protocol.LABELS.items() if "+" not in method}  # not X+kd
     assert set(chosen) == set(methods)  # every method is in the file
     for label, options in chosen.items():
         defaults = method_settings(methods[label], {})
@@ -190,3 +190,20 @@ def test_the_whole_protocol_runs_at_tiny_size(tiny_run, fashion_root, tmp_path):
     assert len(runs) == 2 + 2 * 2  # tuning: none + one KD setting; test: 2 methods x 2 seeds
     tuned = [json.loads((r / "student" / "metrics.json").read_text()) for r in runs]
     assert sorted(m["test_images"] for m in tuned) == [64] * 4 + [96] * 2  # test subset (64), validation (96)
+
+
+def test_a_plus_kd_row_trains_the_feature_method_with_hintons_term_beside_it(protocol, tmp_path):
+    """``fitnet+kd``: the pipeline's fitnet with its lambda_kd option (one option of every feature method), paired
+    with the student alone of its network; its grid has the same budget as every other."""
+    import argparse
+
+    args = argparse.Namespace(scale="swin", out=tmp_path, student="shufflenetv2_x0_5", device="cpu", data_root=None)
+    run = protocol.Protocol(args)
+    flags = run.student_flags(protocol.Run("reviewkd+kd", protocol.GRIDS["reviewkd+kd"][2], 0, False),
+                              tmp_path / "teacher.pt")
+    assert flags[flags.index("--method") + 1] == "reviewkd"
+    assert "lambda_kd=3" in flags and "kd_temperature=2" in flags and "--teacher-ckpt" in flags
+    rows, alone_of = protocol.plan_rows({"none": [], "fitnet+kd": protocol.GRIDS["fitnet+kd"][0],
+                                         "reviewkd+kd": protocol.GRIDS["reviewkd+kd"][0]}, [])
+    assert rows["FitNet+KD"][0] == "fitnet+kd" and alone_of["FitNet+KD"] == "student alone"
+    assert alone_of["ReviewKD+KD"] == "student alone points=multi"

@@ -125,8 +125,9 @@ class Stage:
         return record
 
 
-def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
-    """Load the dataset and its subsets; returns (bundle, train split, test split, image size)."""
+def prepare_data(cfg: PipelineConfig, labelled: int | None = None) -> tuple[DataBundle, Any, Any, int]:
+    """Load the dataset and its subsets; returns (bundle, train split, test split, image size). ``labelled``: the
+    student's own subset of the training images (``student.subset``), drawn from the teacher's."""
     data = cfg.data
     bundle = load_dataset(data.dataset, data.data_root, data.download, data.image_size)
     image_size = data.image_size or bundle.default_image_size
@@ -134,6 +135,8 @@ def prepare_data(cfg: PipelineConfig) -> tuple[DataBundle, Any, Any, int]:
     if data.validation:
         test, train = validation_split(bundle.train, data.validation)
     train = stratified_subset(train, data.subset, cfg.seed, "subset")
+    if labelled is not None:
+        train = stratified_subset(train, labelled, cfg.seed, "student.subset")
     test = stratified_subset(test, data.eval_subset, cfg.seed, "eval_subset")
     return bundle, train, test, image_size
 

@@ -137,8 +137,9 @@ def distill_settings_hash(cfg: PipelineConfig, teacher_sha256: str | None, preci
     settings = PipelineConfig.model_validate({"seed": cfg.seed, "deterministic": cfg.deterministic,
                                               "data": data_settings(cfg), "student": student})
     # teacher_ckpt is a path: the teacher is identified by its sha256 below, wherever the file lies
+    unset = {"subset"} if cfg.student.subset is None else set()  # runs from before the setting keep their hash
     settings_hash = settings.section_hash("seed", "deterministic", "data", "student",
-                                          exclude={"student": {"teacher_precision", "teacher_ckpt"},
+                                          exclude={"student": {"teacher_precision", "teacher_ckpt", *unset},
                                                    "data": data_fingerprint_excludes(cfg)})
     if teacher_sha256 is None:
         return settings_hash
@@ -174,7 +175,7 @@ def run_distill(run: StageRun, name: str | None = None) -> dict[str, Any]:
         if done is not None:
             return done
     seed_everything(cfg.seed)  # the initial weights (student and projectors) are part of what a seed fixes
-    bundle, train, test, image_size = prepare_data(cfg)
+    bundle, train, test, image_size = prepare_data(cfg, s.subset)
     method = make_method(s.method, dict(s.method_options), s.train.label_smoothing)
     method.num_samples = len(train)
     try:

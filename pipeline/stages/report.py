@@ -87,6 +87,7 @@ def collect(layout: RunLayout) -> dict[str, Any]:
         "test_images": student.get("test_images"),
         "eval_split": student.get("eval_split") or "test",  # "validation" under --validation (tuning runs)
         "train_images": student.get("train_images"),
+        "teacher_train_images": teacher.get("train_images"),
         "accuracy": [a for a in accuracy if a["top1"] is not None],
         "precision": {role: metrics.get("precision") for role, metrics in
                       (("teacher", teacher), ("student", student), ("baseline", baseline)) if metrics},
@@ -327,6 +328,28 @@ def ship_line(rec: dict[str, Any], split: str) -> str:
     return text
 
 
+def _training_images(report: dict[str, Any]) -> str:
+    """The student's training images, and the teacher's where it trained on more (the few-labels setting)."""
+    mine, teachers = report.get("train_images"), report.get("teacher_train_images")
+    if mine and teachers and teachers != mine:
+        return f"the students on {mine} labelled images, the teacher on {teachers}"
+    return f"{mine or '?'} training images"
+
+
+def method_evidence(student: dict[str, Any]) -> str:
+    """Where the run's distillation method came from: the default, with the measurement that chose it (file and
+    row), or the run's own choice, with the default's evidence for comparison."""
+    from pipeline.config import DEFAULT_METHOD_EVIDENCE as evidence, StudentConfig
+    from pipeline.methods import method_settings
+
+    default = StudentConfig.model_fields["method"].default
+    source = f"`{evidence['file']}`, row \"{evidence['row']}\", measured on the pair {evidence['pair']}"
+    if student.get("method") == default and student.get("method_options") == method_settings(default, {}):
+        return f"The method and its options are the default, chosen by measurement ({source})."
+    return (f"The method or its options were this run's choice; the default is {default} with its default options, "
+            f"chosen by measurement ({source}).")
+
+
 def _summary(report: dict[str, Any]) -> list[str]:
     """The report's first screen: what distillation did, what to ship with its figures, then the run."""
     split = report.get("eval_split", "test")  # the split every top-1 below is measured on
@@ -345,8 +368,8 @@ def _summary(report: dict[str, Any]) -> list[str]:
         md += [ship_line(rec, split), ""]
     text = [f"**{run.get('student', '?')}** distilled from **{run.get('teacher', '?')}** with "
             f"**{report['student'].get('method', '?')}** on **{report.get('dataset', '?')}** "
-            f"({report.get('train_images', '?')} training images, {report.get('test_images', '?')} {split} images, "
-            f"{report.get('image_size', '?')}x{report.get('image_size', '?')} px)."]
+            f"({_training_images(report)}, {report.get('test_images', '?')} {split} images, "
+            f"{report.get('image_size', '?')}x{report.get('image_size', '?')} px).", method_evidence(report["student"])]
     if verdict:
         judged = {"better": "beyond the noise", "worse": "beyond the noise",
                   "within noise": "within the noise"}[verdict["verdict"]]

@@ -388,7 +388,8 @@ def stratified_subset(split: Dataset, n: int | None, seed: int, what: str) -> Da
         return split
     total = len(split)
     if n > total:
-        raise BadInputError(f"invalid config: data.{what}: {n} is larger than the split ({total} images)")
+        setting = what if "." in what else f"data.{what}"
+        raise BadInputError(f"invalid config: {setting}: {n} is larger than the split ({total} images)")
     if n == total:
         return split
     return Subset(split, torch.sort(_stratified_order(split.targets(), seed)[:n]).values)

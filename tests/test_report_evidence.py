@@ -1,0 +1,33 @@
+"""Every report names the measurement behind the default method (a results file and its row)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.config import DEFAULT_METHOD_EVIDENCE
+from tests.conftest import ROOT, clone_run
+from tests.test_report import first_screen, rebuilt_report, rewrite_json
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_evidence_file_holds_the_row_it_names():
+    results = (ROOT / DEFAULT_METHOD_EVIDENCE["file"]).read_text()
+    rows = [line for line in results.splitlines() if line.startswith(f"| {DEFAULT_METHOD_EVIDENCE['row']} |")]
+    assert rows, f"no row {DEFAULT_METHOD_EVIDENCE['row']!r} in {DEFAULT_METHOD_EVIDENCE['file']}"
+
+
+def test_a_run_with_the_default_method_names_its_evidence(tiny_run):
+    screen = first_screen((tiny_run / "report.md").read_text())
+    assert "are the default, chosen by measurement" in screen
+    assert f"`{DEFAULT_METHOD_EVIDENCE['file']}`, row \"{DEFAULT_METHOD_EVIDENCE['row']}\"" in screen
+
+
+def test_a_run_with_another_method_says_it_was_its_own_choice(tiny_run, tmp_path):
+    run = clone_run(tiny_run, tmp_path / "run")
+    rewrite_json(run / "student" / "metrics.json",
+                 lambda m: m["arch"].update(method="dkd", method_options={"beta": 1.0}))
+    screen = first_screen(rebuilt_report(run))
+    assert "were this run's choice; the default is kd" in screen and DEFAULT_METHOD_EVIDENCE["file"] in screen
+    assert json.loads((run / "report.json").read_text())["student"]["method"] == "dkd"
