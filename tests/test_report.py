@@ -85,6 +85,7 @@ def test_a_gain_within_the_noise_is_called_so(tiny_run):
 
 def test_untrustworthy_latency_figures_are_marked(tiny_run, tmp_path):
     run = clone_run(tiny_run, tmp_path / "run")
+    set_p50(run, {("onnxruntime", "int8"): 0.01})  # the fastest file of all: the one the headline ships
 
     def spread(latency):
         for r in latency["results"]:
