@@ -53,10 +53,21 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from exporters.verify import format_report, verify_export
+    import platform
+    from pathlib import Path
+
+    from exporters.verify import format_report, record_check, verify_export
 
     report = verify_export(args.folder)
-    print(json.dumps(report) if args.json else format_report(report, args.folder))
+    if args.record:  # the models this verify opened passed here: the manifest says so for this architecture
+        opened = [Path(row["path"]).relative_to(args.folder).as_posix() for row in report["models"]]
+        report["recorded"] = {"arch": platform.machine(), "paths": record_check(args.folder, platform.machine(),
+                                                                                 opened)}
+    text = format_report(report, args.folder)
+    if "recorded" in report:
+        text += f"\nrecorded in manifest.json: checked on {report['recorded']['arch']} " \
+                f"({len(report['recorded']['paths'])} files)"
+    print(json.dumps(report) if args.json else text)
     return 0
 
 
@@ -109,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify = commands.add_parser("verify", help="check a copied export folder: hashes, metadata, one inference")
     verify.add_argument("folder")
     verify.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    verify.add_argument("--record", action="store_true", help="once verify passed, add this machine's CPU "
+                        "architecture to `checked_on` of the model files it opened (and their weights) in manifest.json")
     verify.set_defaults(run=_verify)
     bench = commands.add_parser("bench", help="latency of model files on this machine (p50/p90/p99 per batch size)",
                                 description="Latency on this machine, timed as `pipeline bench` times it: warm-up "

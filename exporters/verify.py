@@ -221,6 +221,68 @@ def verify_export(folder: str | Path) -> dict[str, Any]:
             "passed": True}
 
 
+ARCH = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # what platform.machine() names: x86_64, aarch64, arm64, armv7l...
+
+
+def weights_of(model: str, listed: dict[str, Any]) -> list[str]:
+    """The listed files a runtime loads with a model file: an IR's ``.bin``, an ONNX model's ``.onnx.data``."""
+    return [name for name in (f"{model}.data", str(PurePosixPath(model).with_suffix(".bin")))
+            if name != model and name in listed]
+
+
+def record_check(folder: str | Path, arch: str, models: list[str] | None = None) -> list[str]:
+    """Add ``arch`` to ``checked_on`` of the named model files (every model file when None) and of the weights
+    they load, in ``manifest.json``, after those files passed a check on that architecture; returns the paths
+    recorded. The files are hashed against the manifest first, so the record names these very bytes; the model
+    files are not touched. When the export stage's ``stage.json`` vouches for this manifest (its recorded
+    sha256), it is updated to the new one, so the pipeline does not take the record for a damaged output."""
+    folder = Path(folder)
+    if not isinstance(arch, str) or not ARCH.fullmatch(arch):
+        raise InputError(f"'{printable(arch)}' is not a CPU architecture name (e.g. x86_64, aarch64)")
+    manifest = read_manifest(folder)
+    check_hashes(folder, manifest)
+    listed = {entry["path"]: entry for entry in manifest["artifacts"]}
+    known = model_files(manifest)
+    chosen = known if models is None else list(models)
+    unknown = [name for name in chosen if name not in known]
+    if unknown:
+        raise InputError(f"{printable(unknown[0])} is not a model file listed in {printable(folder / MANIFEST)} "
+                         f"(listed: {', '.join(map(printable, known))})")
+    recorded = list(dict.fromkeys(path for name in chosen for path in (name, *weights_of(name, listed))))
+    for path in recorded:
+        archs = listed[path].setdefault("checked_on", [])
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise InputError(f"{printable(folder / MANIFEST)}: 'checked_on' of '{printable(path)}' is not a list "
+                             "of architecture names")
+        if arch not in archs:
+            archs.append(arch)
+    before = file_sha256(folder / MANIFEST)
+    write_json(folder / MANIFEST, manifest)
+    follow_stage_record(folder, before, file_sha256(folder / MANIFEST))
+    return recorded
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def follow_stage_record(folder: Path, before: str, after: str) -> None:
+    """``stage.json`` records the manifest's sha256 as the export stage wrote it; where it still held ``before``
+    (the manifest was the stage's own), it now holds ``after``. A record that vouched for another manifest stays."""
+    path = folder / "stage.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # a copied folder may carry no record of the stage that made it
+    digests = record.get("output_sha256") if isinstance(record, dict) else None
+    if isinstance(digests, dict) and digests.get(MANIFEST) == before:
+        digests[MANIFEST] = after
+        write_json(path, record)
+
+
 def format_report(report: dict[str, Any], folder: str | Path) -> str:
     """What ``pipeline verify`` and ``python -m exporters verify`` print for a verified folder."""
     lines = [f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes" for row in report["artifacts"]]

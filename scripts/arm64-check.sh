@@ -4,8 +4,10 @@
 # (runtime/, console script kdiff-runtime) from the hash-pinned aarch64 lock inside it, then classifies the same
 # real Fashion-MNIST test images on x86 (this machine) and on arm64 with every model file of an export folder
 # (model.onnx, model_int8.onnx, and the OpenVINO IRs when the OpenVINO lock installs) and compares: top-1
-# agreement, max abs logit difference, and `verify` on the copied export folder. Emulation is ~10x slower than
-# a real board: its answers count, its timings do not (run `kdiff-runtime bench` on the device for those).
+# agreement, max abs logit difference, and `verify` on the copied export folder; once verify passed there,
+# EXPORT_DIR/manifest.json records aarch64 in `checked_on` of each file that met its goal (files not touched).
+# Emulation is ~10x slower than a real board: its answers count, its timings do not (run `kdiff-runtime bench` on
+# the device for those).
 #
 # Usage: sudo scripts/arm64-check.sh EXPORT_DIR [IMAGES]      (IMAGES: test images to compare, default 600)
 # Needs root (debootstrap, chroot, bind mounts) and `apt-get install qemu-user-static binfmt-support debootstrap`.
@@ -161,11 +163,20 @@ for model in "${models[@]}"; do
 done
 
 status=0
+rm -f "$CHECK/met.txt"
 PYTHONPATH=$repo "$PY" scripts/arm64_compare.py compare "$CHECK" "${models[@]}" | tee "$CHECK/agreement.md" || status=1
+verified=0
 if chroot "$ROOT" "$venv/bin/kdiff-runtime" verify /work/export >"$CHECK/verify-arm64.txt" 2>&1; then
   log "verify on the copied export folder in the arm64 root: passed ($(tail -1 "$CHECK/verify-arm64.txt"))"
+  verified=1
 else
   log "verify in the arm64 root FAILED:"; cat "$CHECK/verify-arm64.txt" >&2; status=1
+fi
+met=()
+if [ -f "$CHECK/met.txt" ]; then mapfile -t met <"$CHECK/met.txt"; fi
+if [ "$verified" = 1 ] && [ "${#met[@]}" -gt 0 ]; then  # the manifest names the architecture for those files
+  arch=$(chroot "$ROOT" "$venv/bin/python" -c 'import platform; print(platform.machine())')
+  PYTHONPATH=$repo "$PY" scripts/arm64_compare.py record "$export_dir" "$arch" "${met[@]}" || status=2
 fi
 log "total $(( $(date +%s) - begin )) s; outputs in $CHECK"
 exit $status

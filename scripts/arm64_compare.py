@@ -4,9 +4,10 @@ with the installed runtime), and the x86-vs-arm64 comparison.
     python scripts/arm64_compare.py images DATA_DIR OUT_DIR COUNT     (x86, needs the pipeline: its IDX reader)
     python scripts/arm64_compare.py logits MODEL IMAGE_DIR OUT.npy    (either side: exporters only)
     python scripts/arm64_compare.py compare CHECK_DIR MODEL...        (x86: CHECK_DIR/{x86,arm64}/ and labels.json)
+    python scripts/arm64_compare.py record EXPORT_DIR ARCH MODEL...   (after a passed check: the manifest's checked_on)
 
 compare prints one Markdown table row per model and exits 1 when a model misses its goal (fp32 files: every top-1
-equal; INT8 files: >= 99.5% equal), 0 otherwise.
+equal; INT8 files: >= 99.5% equal), 0 otherwise; CHECK_DIR/met.txt lists the models that met theirs.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def compare(check: Path, models: list[str]) -> int:
     print("| model | images | top-1 agreement x86 vs arm64 | goal | max abs logit diff | accuracy x86 | "
           "accuracy arm64 | `predict` top-1 equal |")
     print("|---|---|---|---|---|---|---|---|")
-    failed = False
+    failed, met = False, []
     for model in models:
         stem = model.replace("/", "_")
         x86, arm = np.load(check / "x86" / f"{stem}.npy"), np.load(check / "arm64" / f"{stem}.npy")
@@ -65,10 +66,13 @@ def compare(check: Path, models: list[str]) -> int:
         cli_x86, cli_arm = top1_of_predict(check / "x86" / f"{stem}.jsonl"), top1_of_predict(check / "arm64" / f"{stem}.jsonl")
         cli_equal = sum(a == b for a, b in zip(cli_x86, cli_arm))
         cli_ok = len(cli_x86) == len(cli_arm) == len(labels) and cli_x86 == x86.argmax(1).tolist()
-        failed |= agree < goal or not cli_ok or (goal == 1.0 and cli_equal < len(labels))
+        missed = agree < goal or not cli_ok or (goal == 1.0 and cli_equal < len(labels))
+        failed |= missed
+        met += [] if missed else [model]
         print(f"| `{model}` | {len(labels)} | {agree:.2%} ({int(round(agree * len(labels)))}/{len(labels)}) | "
               f">= {goal:.1%} | {float(np.abs(x86 - arm).max()):.2e} | {float((x86.argmax(1) == labels).mean()):.2%} | "
               f"{float((arm.argmax(1) == labels).mean()):.2%} | {cli_equal}/{len(labels)}{'' if cli_ok else ' (MISMATCH)'} |")
+    (check / "met.txt").write_text("".join(f"{model}\n" for model in met))  # what the manifest may record
     return 1 if failed else 0
 
 
@@ -80,8 +84,14 @@ def main(argv: list[str]) -> int:
         write_logits(Path(args[0]), Path(args[1]), Path(args[2]))
     elif command == "compare":
         return compare(Path(args[0]), args[1:])
+    elif command == "record":
+        from exporters.verify import record_check
+
+        recorded = record_check(Path(args[0]), args[1], args[2:])
+        print(f"[arm64-check] {Path(args[0]) / 'manifest.json'}: checked on {args[1]} recorded for "
+              f"{', '.join(recorded)}", file=sys.stderr)
     else:
-        print(f"unknown command '{command}'; valid: images, logits, compare", file=sys.stderr)
+        print(f"unknown command '{command}'; valid: images, logits, compare, record", file=sys.stderr)
         return 2
     return 0
 

@@ -42,6 +42,7 @@ def test_agreement_goals_per_precision(tmp_path):
     assert "100.00% (400/400)" in rows["`model.onnx`"]
     assert abs(float(rows["`model.onnx`"].split("|")[5]) - 1e-3) < 1e-5  # max abs logit difference
     assert "99.25% (397/400)" in rows["`model_int8.onnx`"]
+    assert (tmp_path / "met.txt").read_text() == "model.onnx\n"  # the one the manifest may record for arm64
     # within the goal (2 of 400 differ: 99.5%) -> exit 0; fp32 must stay exact
     flipped[2] = x86[2]
     write_side(tmp_path, "arm64", "model_int8.onnx", flipped)

@@ -5,7 +5,10 @@ Real exporters, real ONNX Runtime and OpenVINO sessions, real files on disk.
 from __future__ import annotations
 
 import json
+import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,15 @@ from exporters.equivalence import (
 from exporters.formats import read_metadata
 from exporters.onnx import export_onnx
 from exporters.openvino import convert_onnx, save_ir
+from exporters.errors import GateFailedError
 from exporters.runtime import Classifier, InputError
+from exporters.verify import record_check, verify_export
 from exporters.sessions import RuntimeOptions, open_session
 from models import model_names
 from models.reparam import build_multibranch_student, fuse_model
+from pipeline.stages.export import with_checked_on
 from pipeline.training.checkpoint import file_sha256
-from tests.conftest import clone_run, run_cli, tree_digest
+from tests.conftest import ROOT, clone_run, run_cli, tree_digest
 
 META = {"architecture": "test-arch", "zoo_name": "test", "classes": [f"class {i}" for i in range(10)],
         "input_size": [3, 32, 32], "channel_order": "RGB", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
@@ -99,6 +105,7 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
                      "openvino/model_int8.bin"}  # (the INT8 twins: tests/test_int8.py)
     for artifact in manifest["artifacts"]:
         assert file_sha256(export_dir / artifact["path"]) == artifact["sha256"]
+        assert artifact["checked_on"] == [platform.machine()], artifact  # the gates ran every file here
     assert manifest["input"]["shape"] == ["batch", 3, 32, 32] and manifest["onnx"]["opset"] == 18
     assert manifest["classes"][0] == "T-shirt/top"
 
@@ -127,6 +134,75 @@ def test_export_rerun_skips_when_nothing_changed(exported, fashion_root, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "export: artifacts are up to date with the fused student; skipping" in result.stderr
     assert tree_digest(run / "export") == before
+
+
+def models_digest(folder: Path) -> dict[str, str]:
+    """The sha256 of every file of an export folder but its JSON records: the model files and their weights."""
+    return {name: digest for name, digest in tree_digest(folder).items() if not name.endswith(".json")}
+
+
+def test_a_check_on_another_architecture_is_recorded_in_the_manifest_alone(exported, fashion_root, tmp_path):
+    """What scripts/arm64-check.sh records after its models met their goals on aarch64: the manifest names the
+    architecture for those files and their weights; the files stay byte-identical, verify passes, and the export
+    stage still takes its outputs for its own (a rerun skips)."""
+    run = clone_run(exported, tmp_path / "run")
+    export = run / "export"
+    models_before = models_digest(export)
+    recorded = record_check(export, "aarch64", ["model_int8.onnx", "openvino/model.xml"])
+    assert recorded == ["model_int8.onnx", "openvino/model.xml", "openvino/model.bin"]
+    assert record_check(export, "aarch64", ["model_int8.onnx"]) == ["model_int8.onnx"]  # once per architecture
+    here = platform.machine()
+    checked = {a["path"]: a["checked_on"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]}
+    assert {p: archs for p, archs in checked.items() if archs != [here]} == {p: [here, "aarch64"] for p in recorded}
+    assert models_digest(export) == models_before
+    assert verify_export(export)["passed"] and run_cli("verify", str(export)).returncode == 0
+    result = run_cli("export", "--run-dir", str(run), "--data-root", str(fashion_root), "--images", "16",
+                     "--calibration-images", "32")
+    assert result.returncode == 0, result.stderr
+    assert "export: artifacts are up to date with the fused student; skipping" in result.stderr
+    assert json.loads((export / "manifest.json").read_text())["artifacts"][0]["checked_on"] == [here]  # model.onnx
+
+
+def test_recording_a_check_refuses_bad_names_and_changed_files(exported, tmp_path):
+    run = clone_run(exported, tmp_path / "run")
+    export = run / "export"
+    manifest = (export / "manifest.json").read_text()
+    with pytest.raises(InputError, match="not a CPU architecture name"):
+        record_check(export, "../x86", ["model.onnx"])
+    with pytest.raises(InputError, match="openvino/model.bin is not a model file listed"):
+        record_check(export, "aarch64", ["openvino/model.bin"])
+    (export / "model_int8.onnx").unlink()  # a hard link to the original's file: replaced, not written into
+    (export / "model_int8.onnx").write_bytes((exported / "export" / "model_int8.onnx").read_bytes() + b"\0")
+    with pytest.raises(GateFailedError, match="does not match manifest.json"):
+        record_check(export, "aarch64", ["model.onnx"])  # the record would vouch for bytes nobody checked
+    assert (export / "manifest.json").read_text() == manifest
+
+
+def test_verify_record_adds_this_machines_architecture_to_an_older_manifest(exported, tmp_path):
+    """A manifest written before artifacts named their architectures: `python -m exporters verify --record` on the
+    device adds the one it runs on to every model it opened."""
+    run = clone_run(exported, tmp_path / "run")
+    export = run / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        del artifact["checked_on"]
+    (export / "manifest.json").unlink()
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "exporters", "verify", "--record", str(export)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"recorded in manifest.json: checked on {platform.machine()} (8 files)" in result.stdout
+    assert all(a["checked_on"] == [platform.machine()]
+               for a in json.loads((export / "manifest.json").read_text())["artifacts"])
+
+
+def test_a_reexport_keeps_the_architectures_of_unchanged_bytes_only():
+    here = platform.machine()
+    previous = {"artifacts": [{"path": "model.onnx", "sha256": "a" * 64, "checked_on": [here, "riscv64"]},
+                              {"path": "model_int8.onnx", "sha256": "b" * 64, "checked_on": ["riscv64"]}]}
+    fresh = [{"path": "model.onnx", "sha256": "a" * 64}, {"path": "model_int8.onnx", "sha256": "c" * 64}]
+    assert [a["checked_on"] for a in with_checked_on(fresh, previous)] == [[here, "riscv64"], [here]]
+    assert [a["checked_on"] for a in with_checked_on(fresh, {"artifacts": "garbled"})] == [[here], [here]]
 
 
 def _perturb_classifier(path: Path) -> None:

@@ -5,6 +5,7 @@ clones of it whose stage files are changed to the situation under test (the repo
 from __future__ import annotations
 
 import json
+import platform
 import re
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def test_a_gain_within_the_noise_is_called_so(tiny_run):
 
 def test_untrustworthy_latency_figures_are_marked(tiny_run, tmp_path):
     run = clone_run(tiny_run, tmp_path / "run")
+    set_p50(run, {("onnxruntime", "int8"): 0.01})  # the fastest file of all: the one the headline ships
 
     def spread(latency):
         for r in latency["results"]:
@@ -112,3 +114,82 @@ def test_int8_models_are_in_the_accuracy_and_latency_plots(tiny_run):
             if r["status"] == "ok" and r["variant"] == "int8"}
     assert set(int8) == {("onnxruntime", "cpu", 1), ("openvino", "cpu", 1)}
     assert {g: v for g, v in zip(groups, series["int8"]) if v} == int8
+
+
+def cpu_batch1(latency: dict, backend: str, variant: str) -> dict:
+    """The latency row of one file at batch 1 on the CPU (the figure the choice per runtime compares)."""
+    return next(r for r in latency["results"] if r["status"] == "ok" and r["device"] == "cpu" and r["batch"] == 1
+                and (r["backend"], r["variant"]) == (backend, variant))
+
+
+def set_p50(run: Path, figures: dict[tuple[str, str], float]) -> None:
+    """The run's batch-1 CPU p50 of each (backend, variant), steady (not noisy) so the figure is taken as it is."""
+    def change(latency):
+        for (backend, variant), p50 in figures.items():
+            cpu_batch1(latency, backend, variant).update(p50_ms=p50, p90_ms=p50 * 1.01, mean_ms=p50, std_ms=0.0)
+
+    rewrite_json(run / "bench" / "latency.json", change)
+
+
+def test_each_runtime_ships_its_fastest_passed_file_and_the_headline_the_fastest_of_them(tiny_run, tmp_path):
+    """OpenVINO's fp32 IR faster than ONNX Runtime's INT8 file on the same CPU: the headline names the IR."""
+    run = clone_run(tiny_run, tmp_path / "run")
+    set_p50(run, {("openvino", "fused"): 0.25, ("openvino", "int8"): 0.40, ("onnxruntime", "int8"): 0.48,
+                  ("onnxruntime", "fused"): 0.60})
+    markdown = rebuilt_report(run)
+    deploy = json.loads((run / "report.json").read_text())["deployables"]
+    machine = json.loads((run / "bench" / "latency.json").read_text())["machine"]
+    rows = {r["file"]: r for r in deploy["rows"]}
+    choices = deploy["ship_per_runtime"]
+    assert {rt: c["file"] for rt, c in choices.items()} == {"onnxruntime": "model_int8.onnx",
+                                                            "openvino": "openvino/model.xml"}
+    ir = choices["openvino"]
+    assert ir["p50_ms_batch1"] == 0.25 and ir["bytes"] == rows["openvino/model.xml"]["bytes"]
+    assert ir["top1"] == rows["openvino/model.xml"]["top1"] is not None
+    assert ir["measured_on"] == {"cpu": machine["cpu"], "arch": machine["arch"]} and machine["arch"] == platform.machine()
+    assert deploy["ship"]["file"] == "openvino/model.xml"
+
+    headline = SHIP.search(first_screen(markdown))
+    assert headline and headline.group(1) == "openvino/model.xml" and headline.group(3) == "0.250"
+    section = markdown.split("## Models to ship", 1)[1].split("\n## ", 1)[0]
+    assert f"- openvino: `export/openvino/model.xml` ({ir['bytes'] / 1e6:.2f} MB, {ir['top1']:.2f}% test top-1, " \
+           f"0.250 ms batch-1 CPU p50 on {machine['cpu']} ({machine['arch']}))" in section
+    assert "- onnxruntime: `export/model_int8.onnx` (" in section and "0.480 ms batch-1 CPU p50" in section
+    assert "**`openvino/model.xml` (ship)**" in section and "**`model_int8.onnx` (ship for onnxruntime)**" in section
+
+
+def test_a_file_whose_int8_gate_failed_is_never_recommended_however_fast(tiny_run, tmp_path):
+    run = clone_run(tiny_run, tmp_path / "run")
+    set_p50(run, {("onnxruntime", "int8"): 0.01, ("onnxruntime", "fused"): 0.60, ("openvino", "fused"): 0.90,
+                  ("openvino", "int8"): 0.80})
+
+    def fail_onnx_int8(gate):
+        gate["passed"] = False
+        next(r for r in gate["results"] if r["file"] == "model_int8.onnx")["passed"] = False
+
+    rewrite_json(run / "export" / "int8.json", fail_onnx_int8)
+    markdown = rebuilt_report(run)
+    deploy = json.loads((run / "report.json").read_text())["deployables"]
+    choices = deploy["ship_per_runtime"]
+    assert choices["onnxruntime"]["file"] == "model.onnx" and choices["onnxruntime"]["p50_ms_batch1"] == 0.60
+    assert "INT8 failed its accuracy gate" in choices["onnxruntime"]["why"]
+    assert choices["openvino"]["file"] == "openvino/model_int8.xml"  # its own INT8 verdict passed
+    assert deploy["ship"]["file"] == "model.onnx"
+    assert "`export/model_int8.onnx`" not in markdown and "**`model_int8.onnx`" not in markdown
+
+
+def test_a_runtime_without_latency_ships_its_smallest_passed_file_and_says_so(tiny_run, tmp_path):
+    run = clone_run(tiny_run, tmp_path / "run")
+    rewrite_json(run / "bench" / "latency.json", lambda latency: latency.update(
+        results=[r for r in latency["results"] if r["backend"] != "openvino"]))
+    markdown = rebuilt_report(run)
+    deploy = json.loads((run / "report.json").read_text())["deployables"]
+    passed_ir = [r for r in deploy["rows"] if r["runtime"] == "openvino" and r["passed"]]
+    assert {r["file"] for r in passed_ir} == {"openvino/model.xml", "openvino/model_int8.xml"}  # fp16: not gated
+    smallest = min(passed_ir, key=lambda r: r["bytes"])
+    choice = deploy["ship_per_runtime"]["openvino"]
+    assert choice["file"] == smallest["file"] and choice["p50_ms_batch1"] is None and choice["measured_on"] is None
+    assert "latency was not measured" in choice["why"]
+    assert deploy["ship"]["file"] == deploy["ship_per_runtime"]["onnxruntime"]["file"]  # the one runtime timed
+    assert f"- openvino: `export/{smallest['file']}` ({smallest['bytes'] / 1e6:.2f} MB, " in markdown
+    assert "test top-1, latency not measured)" in markdown

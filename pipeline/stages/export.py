@@ -19,6 +19,7 @@ float artifacts as they were, with their manifest: they stay shippable.
 from __future__ import annotations
 
 import logging
+import platform
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -267,9 +268,10 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
     opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
     c, h, w = meta["input_size"]
     files = [*files, *external_data_files(folder, files)]  # the runtime loads them: verify must check them too
+    artifacts = [{"path": name, "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                 for name in files]
     return {
-        "artifacts": [{"path": name, "bytes": (folder / name).stat().st_size,
-                       "sha256": file_sha256(folder / name)} for name in files],
+        "artifacts": with_checked_on(artifacts, read_json(folder.manifest)),
         "input": {"name": meta["input_name"], "shape": ["batch", c, h, w], "dtype": "float32",
                   "layout": meta["layout"], "channel_order": meta["channel_order"], "mean": meta["mean"],
                   "std": meta["std"], "pixel_scale": meta["pixel_scale"], "fit": meta["fit"],
@@ -281,6 +283,21 @@ def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, An
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "openvino": openvino.__version__},
     }
+
+
+def with_checked_on(artifacts: list[dict[str, Any]], previous: Any) -> list[dict[str, Any]]:
+    """Each artifact with ``checked_on``: the CPU architectures its checks ran on. This machine's (the export's
+    gates ran every file here), then those the previous manifest recorded for the very same bytes (a device-side
+    check, ``exporters.verify.record_check``, that a re-export of unchanged files keeps)."""
+    here = platform.machine()
+    earlier = {a.get("path"): a for a in (previous or {}).get("artifacts", []) if isinstance(a, dict)} \
+        if isinstance(previous, dict) and isinstance(previous.get("artifacts"), list) else {}
+    for artifact in artifacts:
+        old = earlier.get(artifact["path"], {})
+        kept = old.get("checked_on") if old.get("sha256") == artifact["sha256"] else None
+        archs = [a for a in kept if isinstance(a, str)] if isinstance(kept, list) else []
+        artifact["checked_on"] = [here, *(a for a in dict.fromkeys(archs) if a != here)]
+    return artifacts
 
 
 def external_data_files(folder: StageFolder, files: Sequence[str]) -> list[str]:

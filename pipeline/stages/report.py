@@ -120,7 +120,8 @@ MODEL_FILES = (("model.onnx", "ONNX", "fp32", "onnxruntime", "fused"),
 def deployables(manifest: dict[str, Any], int8: dict[str, Any] | None, fused_top1: float | None,
                 latency: dict[str, Any]) -> dict[str, Any]:
     """One row per model file in the export folder (format, precision, bytes with its weights, test top-1,
-    top-1 agreement with fp32, batch-1 CPU p50) and which file to ship."""
+    top-1 agreement with fp32, batch-1 CPU p50, whether it passed its gate), the file to ship per runtime
+    (``ship_per_runtime``) and the headline's one file (``ship``: the choice of the fastest runtime)."""
     sizes = {a["path"]: a["bytes"] for a in manifest.get("artifacts", [])}
     judged = {r["file"]: r for r in (int8 or {}).get("results", [])}
     float_top1 = {r["float_file"]: r["float_top1"] for r in judged.values()}
@@ -133,21 +134,77 @@ def deployables(manifest: dict[str, Any], int8: dict[str, Any] | None, fused_top
         weights = file.replace(".xml", ".bin") if file.endswith(".xml") else f"{file}.data"
         row = {"file": file, "format": fmt, "precision": precision, "runtime": runtime,
                "bytes": sizes[file] + sizes.get(weights, 0), "top1": None, "agreement": None,
-               "p50_ms_batch1": p50.get((runtime, variant)) if variant else None}
+               "p50_ms_batch1": p50.get((runtime, variant)) if variant else None,
+               # fp32 files exist only once the export gates passed; the fp16 IR is reported, never gated
+               "passed": judged[file].get("passed") is True if file in judged else precision == "fp32"}
         if file in judged:
             row.update(top1=judged[file]["int8_top1"], agreement=judged[file]["agreement"])
         elif precision == "fp32":  # the fused student's function, proven by the export gates
             row.update(top1=float_top1.get(file, fused_top1), agreement=100.0)
         rows.append(row)
-    passed = [r for r in rows if r["precision"] == "int8"]
-    if passed:
-        ship = {"file": min(passed, key=lambda r: r["bytes"])["file"],
-                "why": "the INT8 artifacts passed their accuracy gate"}
-    elif int8 and not int8.get("passed", True):
-        ship = {"file": "model.onnx", "why": "INT8 failed its accuracy gate; the float artifacts passed theirs"}
-    else:
-        ship = {"file": "model.onnx", "why": "no INT8 artifacts were made (--no-int8)"}
-    return {"rows": rows, "ship": ship if rows else None, "int8_gate": int8}
+    per_runtime = ship_per_runtime(rows, int8, latency.get("machine"))
+    return {"rows": rows, "ship": headline_choice(per_runtime, int8), "ship_per_runtime": per_runtime,
+            "int8_gate": int8}
+
+
+def int8_state(int8: dict[str, Any] | None) -> str:
+    """What became of the INT8 step, said beside each choice."""
+    if int8 is None:
+        return "no INT8 artifacts were made (--no-int8)"
+    return "the INT8 artifacts passed their accuracy gate" if int8.get("passed", True) else \
+        "INT8 failed its accuracy gate; the float artifacts passed theirs"
+
+
+def ship_per_runtime(rows: list[dict[str, Any]], int8: dict[str, Any] | None,
+                     machine: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """Per runtime, the file to ship among those that passed their gates: the fastest at batch 1 on the CPU the
+    benchmark ran on; where none of them was timed, the smallest."""
+    measured_on = {"cpu": machine.get("cpu"), "arch": machine.get("arch")} if machine else None
+    choices: dict[str, dict[str, Any]] = {}
+    for runtime in dict.fromkeys(r["runtime"] for r in rows):
+        passed = [r for r in rows if r["runtime"] == runtime and r["passed"]]
+        if not passed:
+            continue
+        timed = [r for r in passed if r["p50_ms_batch1"] is not None]
+        if timed and measured_on:
+            row = min(timed, key=lambda r: r["p50_ms_batch1"])
+            why = (f"the fastest {runtime} file that passed its gates (batch-1 CPU p50 on {measured_on['cpu']}, "
+                   f"{measured_on['arch']})")
+        else:
+            row = min(passed, key=lambda r: r["bytes"])
+            why = f"the smallest {runtime} file that passed its gates; its latency was not measured"
+        choices[runtime] = {"file": row["file"], "why": f"{why}; {int8_state(int8)}", "bytes": row["bytes"],
+                            "p50_ms_batch1": row["p50_ms_batch1"] if timed and measured_on else None,
+                            "top1": row["top1"], "measured_on": measured_on if timed else None}
+    return choices
+
+
+def headline_choice(per_runtime: dict[str, dict[str, Any]], int8: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The one file the first screen names: the per-runtime choice of the fastest runtime, or, with no runtime
+    timed, the smallest of the per-runtime choices (the rule each runtime's own choice followed then)."""
+    if not per_runtime:
+        return None
+    timed = [c for c in per_runtime.values() if c["p50_ms_batch1"] is not None]
+    if not timed:
+        best = min(per_runtime.values(), key=lambda c: c["bytes"])
+        return {"file": best["file"], "why": best["why"]}
+    best = min(timed, key=lambda c: c["p50_ms_batch1"])
+    where = best["measured_on"]
+    return {"file": best["file"], "why": f"the fastest file that passed its gates in any runtime (batch-1 CPU p50 on "
+                                         f"{where['cpu']}, {where['arch']}); {int8_state(int8)}"}
+
+
+def per_runtime_lines(deploy: dict[str, Any], split: str) -> list[str]:
+    """One line per runtime: the file to ship there with its size, top-1 and batch-1 CPU p50 and where that was
+    measured (or that it was not)."""
+    lines = []
+    for runtime, choice in (deploy.get("ship_per_runtime") or {}).items():
+        where = choice.get("measured_on")
+        timing = (f"{choice['p50_ms_batch1']:.3f} ms batch-1 CPU p50 on {where['cpu']} ({where['arch']})" if where
+                  else "latency not measured")
+        lines.append(f"- {runtime}: `export/{choice['file']}` ({choice['bytes'] / 1e6:.2f} MB, "
+                     f"{_fmt(choice['top1'], '.2f', '%')} {split} top-1, {timing})")
+    return ["Per runtime, the file to ship (the fastest that passed its gates):", "", *lines, ""] if lines else []
 
 
 # --------------------------------------------------------------------------- plots
@@ -416,6 +473,14 @@ def _int8_gate_lines(gate: dict[str, Any]) -> list[str]:
     return lines + [""] if lines else []
 
 
+def ship_mark(file: str, deploy: dict[str, Any]) -> str:
+    """The table's file cell: the headline's file marked ``(ship)``, another runtime's choice ``(ship for it)``."""
+    if file == deploy["ship"]["file"]:
+        return f"**`{file}` (ship)**"
+    runtime = next((rt for rt, c in (deploy.get("ship_per_runtime") or {}).items() if c["file"] == file), None)
+    return f"**`{file}` (ship for {runtime})**" if runtime else f"`{file}`"
+
+
 def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
     split = report.get("eval_split", "test")  # the split every top-1 below is measured on
     run = report["run"]
@@ -488,7 +553,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
             md += [f"![latency]({plots['latency']})", ""]
 
     deploy = report.get("deployables") or {}
-    if deploy.get("rows"):
+    if deploy.get("rows") and deploy.get("ship"):
         gate = deploy.get("int8_gate") or {}
         settings = gate.get("settings") or {}
         md += ["## Models to ship", "",
@@ -496,10 +561,10 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
                   f"{settings['min_agreement']:g}% on {gate.get('test_images')} {split} images; calibrated on "
                   f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
-               ""] + _int8_gate_lines(gate)
+               ""] + per_runtime_lines(deploy, split) + _int8_gate_lines(gate)
         md += _table(["file", "format", "precision", "size (MB)", f"{split} top-1", "agreement with fp32",
                       "batch-1 CPU p50 (ms)"],
-                     [(f"**`{r['file']}` (ship)**" if r["file"] == deploy["ship"]["file"] else f"`{r['file']}`",
+                     [(ship_mark(r["file"], deploy),
                        r["format"], r["precision"], f"{r['bytes'] / 1e6:.2f}", _fmt(r["top1"], ".2f", "%"),
                        _fmt(r["agreement"], ".2f", "%"), _fmt(r["p50_ms_batch1"], ".3f")) for r in deploy["rows"]])
 
