@@ -315,13 +315,24 @@ def read_profile(name: str) -> dict[str, Any]:
     raise BadInputError(f"unknown profile '{name}'; valid: {', '.join(profile_names())} (or a PATH.yaml file)")
 
 
+def profile_for(profile: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A profile's settings for the dataset the run uses: its general ones, then those under
+    ``for_dataset: {DATASET: ...}`` for that dataset only (the default profile sizes its run for the built-in
+    data there: subsets and epochs that would be wrong on a user's images)."""
+    general = {key: value for key, value in profile.items() if key != "for_dataset"}
+    per_dataset = profile.get("for_dataset") or {}
+    if not isinstance(per_dataset, dict):
+        raise BadInputError("profile: for_dataset must map dataset names to settings")
+    dataset = (given.get("data") or {}).get("dataset") or (general.get("data") or {}).get("dataset") \
+        or DataConfig.model_fields["dataset"].default
+    return _merge(general, per_dataset.get(dataset) or {})
+
+
 def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,
                    profile: str | None = None) -> PipelineConfig:
     """Defaults < profile < config file < overrides (nested dicts; ``None`` values are ignored)."""
-    data: dict[str, Any] = read_profile(profile) if profile else {}
-    if config_file:
-        data = _merge(data, read_config_file(config_file))
-    data = _merge(data, _drop_none(overrides or {}))
+    given = _merge(read_config_file(config_file) if config_file else {}, _drop_none(overrides or {}))
+    data = _merge(profile_for(read_profile(profile), given) if profile else {}, given)
     try:
         return with_derived_settings(PipelineConfig.model_validate(data))
     except ValidationError as exc:

@@ -29,3 +29,16 @@ def test_the_distill_fingerprint_holds_every_method_option_with_its_default():
     other = resolve_config(overrides={"student": {"method": "kdiffusion", "method_options": {"chain": "reduced"}}})
     assert distill_settings_hash(base, None) == distill_settings_hash(spelled, None)
     assert distill_settings_hash(base, None) != distill_settings_hash(other, None)
+
+
+def test_the_default_profile_sizes_only_the_built_in_data():
+    """The default profile's few-labels setting (students on 2000 images) and its subsets are for Fashion-MNIST:
+    on a user's images the run uses every image, and a flag still overrides the profile."""
+    builtin = resolve_config(profile="default")
+    assert (builtin.data.subset, builtin.data.eval_subset, builtin.student.subset) == (None, 5000, 2000)
+    assert (builtin.teacher.train.epochs, builtin.student.train.epochs) == (2, 15)
+    theirs = resolve_config(overrides={"data": {"dataset": "imagefolder:/data/mine"}}, profile="default")
+    assert (theirs.data.subset, theirs.data.eval_subset, theirs.student.subset) == (None, None, None)
+    assert (theirs.teacher.train.epochs, theirs.student.train.epochs) == (2, 3)
+    flagged = resolve_config(overrides={"student": {"subset": 500}}, profile="default")
+    assert flagged.student.subset == 500
