@@ -225,6 +225,30 @@ def test_the_export_writes_reference_answers_that_verify_matches_here(exported):
            "goal 99.5%)" in result.stdout
 
 
+def test_reference_answers_are_reproducible_and_never_unpickled(tmp_path):
+    """The same answers give the same bytes (fixed zip timestamps); an archive with a pickled array, or answers
+    whose top-1 is not what their logits imply, is one InputError line."""
+    import zipfile
+
+    from exporters.reference import read_reference, write_reference
+
+    rng = np.random.default_rng(0)
+    inputs, logits = rng.standard_normal((4, 3, 8, 8), dtype=np.float32), rng.standard_normal((4, 10)).astype("f4")
+    write_reference(tmp_path / "a.npz", inputs, {"model.onnx": logits})
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    write_reference(tmp_path / "b.npz", inputs, {"model.onnx": logits})
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert (read_reference(tmp_path / "a.npz", [3, 8, 8], 10).top1["model.onnx"] == logits.argmax(1)).all()
+    np.savez(tmp_path / "pickled.npz", inputs=np.array([object()], dtype=object))
+    with pytest.raises(InputError, match="pickled.npz is unreadable"):
+        read_reference(tmp_path / "pickled.npz", [3, 8, 8], 10)
+    np.savez(tmp_path / "wrong.npz", inputs=inputs, **{"logits/model.onnx": logits,
+                                                       "top1/model.onnx": (logits.argmax(1) + 1) % 10})
+    with pytest.raises(InputError, match="answers of 'model.onnx' are not 4 x 10 finite float32 logits"):
+        read_reference(tmp_path / "wrong.npz", [3, 8, 8], 10)
+
+
 def _change_reference(export: Path, name: str, images: int) -> None:
     """Rewrite reference.npz with the top-1 of model file ``name`` moved to another class on its first ``images``
     images, and list its new sha256 in the manifest: the hash check passes, the answers do not."""
