@@ -5,7 +5,8 @@
     python -m exporters bench --model model_int8.onnx           # latency here: the timing of `pipeline bench`
 
 Exit codes as the pipeline's: 2 bad input (missing, unreadable or malformed files, metadata or images; a usage
-error), 3 a file that differs from its manifest or lies in the folder unlisted, 130 SIGINT, 143 SIGTERM.
+error), 3 a file that differs from its manifest or lies in the folder unlisted, or a float model whose answers
+differ from its reference answers (reference.npz), 130 SIGINT, 143 SIGTERM.
 """
 # No `from __future__` import and nothing but os and sys (both loaded before any of this runs) until the working
 # directory has left sys.path: any other import could be a module planted there.
@@ -54,19 +55,24 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     import platform
-    from pathlib import Path
 
-    from exporters.verify import format_report, record_check, verify_export
+    from exporters.errors import InputError
+    from exporters.reference import REFERENCE
+    from exporters.verify import format_report, met_reference, record_check, verify_export
 
     report = verify_export(args.folder)
-    if args.record:  # the models this verify opened passed here: the manifest says so for this architecture
-        opened = [Path(row["path"]).relative_to(args.folder).as_posix() for row in report["models"]]
-        report["recorded"] = {"arch": platform.machine(), "paths": record_check(args.folder, platform.machine(),
-                                                                                 opened)}
     text = format_report(report, args.folder)
-    if "recorded" in report:
-        text += f"\nrecorded in manifest.json: checked on {report['recorded']['arch']} " \
-                f"({len(report['recorded']['paths'])} files)"
+    if args.record:  # only the model files whose answers here met their reference answers are vouched for
+        if not report["reference"]:
+            raise InputError(f"{args.folder} has no reference answers ({REFERENCE}) to check its models against, so "
+                             "nothing can be recorded as checked here: re-export the folder with this version")
+        met, missed = met_reference(report)
+        arch = platform.machine()
+        report["recorded"] = {"arch": arch, "paths": record_check(args.folder, arch, met) if met else [],
+                              "not_recorded": missed}
+        text += f"\nrecorded in manifest.json: checked on {arch} ({len(report['recorded']['paths'])} files)"
+        if missed:
+            text += f"\nnot recorded (did not match their reference answers here): {', '.join(missed)}"
     print(json.dumps(report) if args.json else text)
     return 0
 
@@ -117,11 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "(default: max(16777216, 64 x the model's input pixels))")
     predict.add_argument("images", nargs="+")
     predict.set_defaults(run=_predict)
-    verify = commands.add_parser("verify", help="check a copied export folder: hashes, metadata, one inference")
+    verify = commands.add_parser("verify", help="check a copied export folder: hashes, metadata, each model's "
+                                 "answers against reference.npz")
     verify.add_argument("folder")
     verify.add_argument("--json", action="store_true", help="the checks as one JSON object")
     verify.add_argument("--record", action="store_true", help="once verify passed, add this machine's CPU "
-                        "architecture to `checked_on` of the model files it opened (and their weights) in manifest.json")
+                        "architecture to `checked_on` of the model files that met their reference answers here (and "
+                        "their weights) in manifest.json")
     verify.set_defaults(run=_verify)
     bench = commands.add_parser("bench", help="latency of model files on this machine (p50/p90/p99 per batch size)",
                                 description="Latency on this machine, timed as `pipeline bench` times it: warm-up "

@@ -1,4 +1,4 @@
-"""Check a copied export folder on its own: hashes, metadata, and one inference per model file.
+"""Check a copied export folder on its own: hashes, metadata, and each model's answers against its reference.
 
 What a device-side user runs before trusting a folder they received
 (``pipeline verify EXPORT_DIR``): needs numpy and the runtimes, not torch.
@@ -6,8 +6,11 @@ What a device-side user runs before trusting a folder they received
 1. every artifact listed in ``manifest.json`` exists with its recorded size and sha256
    (a mismatch is a :class:`GateFailedError`, exit code 3);
 2. every model file carries the metadata the manifest records;
-3. every model file loads in its runtime and maps a batch of the declared input shape
-   to finite logits of the declared shape.
+3. every model file loads in its runtime and answers the reference inputs of ``reference.npz`` (what each file
+   answered at export time, :mod:`exporters.reference`): a float file must give the same top-1 on every image
+   (GateFailedError otherwise), an INT8 file that misses its goal is reported, not failed. A folder without
+   reference answers (exported before them) gets one batch of random noise per model: finite logits of the
+   declared shape, and nothing compared.
 
 The folder may have come over the network, so the manifest is not trusted: a listed path must be a regular file
 inside the folder (no ``..``, no absolute path, no link leaving it), a malformed manifest is one line (exit 2), and
@@ -31,6 +34,15 @@ from exporters import metadata as md
 from exporters.errors import GateFailedError, InputError, printable
 from exporters.files import open_regular
 from exporters.formats import format_of, format_names, get_format
+from exporters.reference import (
+    FLOAT_GOAL,
+    REFERENCE,
+    Reference,
+    compare,
+    describe,
+    goal_of,
+    read_reference,
+)
 from exporters.sessions import RuntimeOptions
 
 MANIFEST = "manifest.json"
@@ -157,22 +169,55 @@ def unlisted_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def model_files(manifest: dict[str, Any]) -> list[str]:
-    """The listed files a runtime opens (by their format's model-file suffix)."""
-    suffixes = {Path(get_format(name).model_file).suffix for name in format_names()}
-    return [entry["path"] for entry in manifest["artifacts"] if Path(entry["path"]).suffix in suffixes]
+    """The listed files a runtime opens."""
+    return [entry["path"] for entry in manifest["artifacts"] if is_model_file(entry["path"])]
+
+
+def is_model_file(name: str) -> bool:
+    """A file a runtime opens (by its format's model-file suffix), as opposed to weights, records or answers."""
+    return Path(name).suffix in {Path(get_format(fmt).model_file).suffix for fmt in format_names()}
+
+
+def model_logits(path: Path, meta: dict[str, Any], inputs: np.ndarray) -> np.ndarray:
+    """The model's logits for ``inputs`` (opened as the export's gates and ``predict`` open it: f32 inference
+    precision); finite logits of the declared shape, or a GateFailedError."""
+    session = format_of(path).open(path, RuntimeOptions(precision="f32"))
+    md.validate(meta, session.input_shape, session.output_shape, str(path))
+    logits = np.asarray(session.run(inputs))
+    expected = (len(inputs), len(meta["classes"]))
+    if logits.shape != expected or not np.isfinite(logits).all():
+        raise GateFailedError(f"{path}: a {inputs.shape} input gave logits of shape {logits.shape} "
+                              f"({'finite' if np.isfinite(logits).all() else 'not finite'}); expected {expected}")
+    return logits
 
 
 def smoke_inference(path: Path, meta: dict[str, Any], batch: int = 2) -> dict[str, Any]:
-    """One batch of the declared input shape through the model: finite logits of the declared shape."""
-    session = format_of(path).open(path, RuntimeOptions(precision="f32"))
-    md.validate(meta, session.input_shape, session.output_shape, str(path))
+    """One batch of the declared input shape (random noise) through the model: finite logits of the declared
+    shape. All a folder without reference answers allows."""
     shape = (batch, *meta["input_size"])
-    logits = np.asarray(session.run(np.random.default_rng(0).standard_normal(shape, dtype=np.float32)))
-    expected = (batch, len(meta["classes"]))
-    if logits.shape != expected or not np.isfinite(logits).all():
-        raise GateFailedError(f"{path}: a {shape} input gave logits of shape {logits.shape} "
-                              f"({'finite' if np.isfinite(logits).all() else 'not finite'}); expected {expected}")
+    logits = model_logits(path, meta, np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
     return {"path": str(path), "input_shape": list(shape), "output_shape": list(logits.shape)}
+
+
+def reference_check(path: Path, name: str, meta: dict[str, Any], reference: Reference, goal: float
+                    ) -> dict[str, Any]:
+    """The model on the reference inputs, compared with the answers it gave at export time."""
+    logits = model_logits(path, meta, reference.inputs)
+    agreement = compare(str(path), logits, reference, name, goal)
+    return {"path": str(path), "input_shape": list(reference.inputs.shape), "output_shape": list(logits.shape),
+            "reference": agreement.as_dict()}
+
+
+def load_reference(folder: Path, manifest: dict[str, Any]) -> Reference | None:
+    """The folder's reference answers when its manifest lists them (hashed already); None for older folders."""
+    if not any(entry["path"] == REFERENCE for entry in manifest["artifacts"]):
+        return None
+    meta = manifest.get("metadata", {})
+    size, classes = meta.get("input_size"), meta.get("classes")
+    if not isinstance(size, list) or not isinstance(classes, list):
+        raise InputError(f"{printable(folder / MANIFEST)}: 'metadata' needs 'input_size' and 'classes' to read "
+                         f"{REFERENCE}")
+    return read_reference(folder / REFERENCE, size, len(classes))
 
 
 def read_metadata(fmt: Any, path: Path) -> dict[str, Any]:
@@ -194,31 +239,64 @@ def installed(module: str) -> bool:
 
 
 def verify_export(folder: str | Path) -> dict[str, Any]:
-    """All three checks on an export folder; returns what was checked, raises on the first failure."""
+    """All three checks on an export folder; returns what was checked, raises on the first failure.
+
+    With reference answers (``reference.npz``) each model runs on their inputs: a float file whose top-1 differs
+    from its reference on any image fails the folder; an INT8 file below its goal is reported (``met`` false),
+    not failed. Without them each model runs once on random noise (shape and finite logits only)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     hashes = check_hashes(folder, manifest)
     records = unlisted_files(folder, manifest)
+    opened, unchecked = openable_models(folder, manifest)
+    if not opened:
+        raise InputError(f"{folder}: no model in {MANIFEST} can be opened here: "
+                         + "; ".join(f"{u['path']}: {u['reason']}" for u in unchecked))
+    reference = load_reference(folder, manifest)
+    listed = {a["path"]: a for a in manifest["artifacts"]}
+    models = [smoke_inference(path, meta) if reference is None
+              else reference_check(path, name, meta, reference, goal_of(listed[name])) for name, path, meta in opened]
+    changed = [row for row in models if "reference" in row and not row["reference"]["met"]
+               and row["reference"]["goal"] == FLOAT_GOAL]
+    if changed:
+        raise GateFailedError("float answers changed on this machine: " + "; ".join(
+            f"{row['path']} does not match its reference answers here: {describe(row['reference'])}"
+            for row in changed) + "; a float model must give its reference answers everywhere: copy the folder "
+            "again, or report the runtime and CPU")
+    return {"folder": str(folder), "artifacts": hashes, "models": models, "unchecked": unchecked, "records": records,
+            "reference": None if reference is None else {"path": REFERENCE, "images": reference.images},
+            "passed": True}
+
+
+def openable_models(folder: Path, manifest: dict[str, Any]
+                    ) -> tuple[list[tuple[str, Path, dict[str, Any]]], list[dict[str, str]]]:
+    """(name, path, metadata) of each model file whose runtime is installed here, its metadata checked against the
+    manifest's (a difference is a GateFailedError); and the files left unopened, with why."""
     shared_meta = manifest.get("metadata", {})
-    own = {a["path"]: {"quantization": a["quantization"]} for a in manifest.get("artifacts", []) if "quantization" in a}
-    smoke, unchecked = [], []
+    listed = {a["path"]: a for a in manifest["artifacts"]}
+    opened, unchecked = [], []
     for name in model_files(manifest):
         path = folder / name
         fmt = format_of(path)
         if not installed(fmt.runtime):  # e.g. a device image with ONNX Runtime alone
             unchecked.append({"path": str(path), "reason": f"{fmt.runtime} is not installed here"})
             continue
-        meta, expected_meta = read_metadata(fmt, path), {**shared_meta, **own.get(name, {})}
+        own = {"quantization": listed[name]["quantization"]} if "quantization" in listed[name] else {}
+        meta, expected_meta = read_metadata(fmt, path), {**shared_meta, **own}
         if meta != expected_meta:
             differing = sorted(k for k in set(meta) | set(expected_meta) if meta.get(k) != expected_meta.get(k))
             raise GateFailedError(f"{path}: its metadata differs from {MANIFEST} in "
                                   f"{printable(', '.join(map(str, differing)))}")
-        smoke.append(smoke_inference(path, meta))
-    if not smoke:
-        raise InputError(f"{folder}: no model in {MANIFEST} can be opened here: "
-                         + "; ".join(f"{u['path']}: {u['reason']}" for u in unchecked))
-    return {"folder": str(folder), "artifacts": hashes, "models": smoke, "unchecked": unchecked, "records": records,
-            "passed": True}
+        opened.append((name, path, meta))
+    return opened, unchecked
+
+
+def met_reference(report: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(model files that met their reference answers here, those that did not), relative to the folder."""
+    folder = Path(report["folder"])
+    rows = [(Path(row["path"]).relative_to(folder).as_posix(), row["reference"]["met"])
+            for row in report["models"] if "reference" in row]
+    return [name for name, met in rows if met], [name for name, met in rows if not met]
 
 
 ARCH = re.compile(r"[A-Za-z0-9_.-]{1,32}")  # what platform.machine() names: x86_64, aarch64, arm64, armv7l...
@@ -286,9 +364,20 @@ def follow_stage_record(folder: Path, before: str, after: str) -> None:
 def format_report(report: dict[str, Any], folder: str | Path) -> str:
     """What ``pipeline verify`` and ``python -m exporters verify`` print for a verified folder."""
     lines = [f"ok  {row['path']}  sha256 {row['sha256'][:16]}...  {row['bytes']} bytes" for row in report["artifacts"]]
-    lines += [f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits"
-              for row in report["models"]]
+    lines += [model_line(row) for row in report["models"]]
     lines += [f"--  {row['path']}: sha256 checked; not opened ({row['reason']})" for row in report.get("unchecked", [])]
     lines += [f"--  {name}: a record of the export stage (JSON no runtime loads); not checked"
               for name in report.get("records", [])]
+    if not report.get("reference"):
+        lines.append(f"--  no reference answers ({REFERENCE}) in this folder: each model ran once on random noise "
+                     "(shape and finite logits only), its answers were not compared; re-export to get them")
     return "\n".join(lines + [f"verified: {folder} ({len(report['artifacts'])} files, {len(report['models'])} models)"])
+
+
+def model_line(row: dict[str, Any]) -> str:
+    """One model's line: its agreement with its reference answers, or the shapes of a noise inference."""
+    if "reference" not in row:
+        return f"ok  {row['path']}: {tuple(row['input_shape'])} -> {tuple(row['output_shape'])} finite logits"
+    said = describe(row["reference"])
+    return f"ok  {row['path']}: {said}" if row["reference"]["met"] else \
+        f"MISS  {row['path']}: does not match its reference answers here: {said}"

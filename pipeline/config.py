@@ -201,6 +201,8 @@ class ExportConfig(_Strict):
                                    "interval of its drop (or agreement) lies wholly beyond the limit")
     int8_eval_images: Optional[int] = Field(None, ge=1, description="test images of the INT8 gate (default: "
                                             "those the student was evaluated on)")
+    reference_images: int = Field(32, ge=1, le=10_000, description="held-out images whose answers reference.npz "
+                                  "records for every model file (what `verify` compares on a device)")
 
 
     @field_validator("formats")

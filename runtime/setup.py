@@ -10,7 +10,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 MODULES = ("__init__", "__main__", "bench", "errors", "files", "formats", "gate_stats", "latency", "machine",
-           "metadata", "preprocess", "quantize", "runtime", "sessions", "telemetry", "verify")
+           "metadata", "preprocess", "quantize", "reference", "runtime", "sessions", "telemetry", "verify")
 
 
 class RuntimeModulesOnly(build_py):

@@ -102,7 +102,7 @@ def test_export_stage_writes_gated_self_describing_artifacts(exported):
     paths = {a["path"] for a in manifest["artifacts"]}
     assert paths == {"model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
                      "openvino/model_fp16.bin", "model_int8.onnx", "openvino/model_int8.xml",
-                     "openvino/model_int8.bin"}  # (the INT8 twins: tests/test_int8.py)
+                     "openvino/model_int8.bin", "reference.npz"}  # (the INT8 twins: tests/test_int8.py)
     for artifact in manifest["artifacts"]:
         assert file_sha256(export_dir / artifact["path"]) == artifact["sha256"]
         assert artifact["checked_on"] == [platform.machine()], artifact  # the gates ran every file here
@@ -192,8 +192,146 @@ def test_verify_record_adds_this_machines_architecture_to_an_older_manifest(expo
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"recorded in manifest.json: checked on {platform.machine()} (8 files)" in result.stdout
-    assert all(a["checked_on"] == [platform.machine()]
-               for a in json.loads((export / "manifest.json").read_text())["artifacts"])
+    assert {a["path"]: a.get("checked_on") for a in json.loads((export / "manifest.json").read_text())["artifacts"]} \
+        == {**{name: [platform.machine()] for name in MODELS_AND_WEIGHTS}, "reference.npz": None}  # answers: no model
+
+
+MODELS_AND_WEIGHTS = ("model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
+                      "openvino/model_fp16.bin", "model_int8.onnx", "openvino/model_int8.xml",
+                      "openvino/model_int8.bin")
+MODELS = ("model.onnx", "openvino/model.xml", "openvino/model_fp16.xml", "model_int8.onnx", "openvino/model_int8.xml")
+
+
+def test_the_export_writes_reference_answers_that_verify_matches_here(exported):
+    """reference.npz: the 32 reference images (float32, preprocessed) and each model file's logits and top-1, read
+    without pickles; verify on the export machine finds every model giving its reference answers."""
+    export = exported / "export"
+    with np.load(export / "reference.npz", allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    assert set(arrays) == {"inputs", *(f"{kind}/{name}" for kind in ("logits", "top1") for name in MODELS)}
+    assert arrays["inputs"].shape == (32, 3, 32, 32) and arrays["inputs"].dtype == np.float32
+    for name in MODELS:
+        assert arrays[f"logits/{name}"].shape == (32, 10)
+        assert (arrays[f"top1/{name}"] == arrays[f"logits/{name}"].argmax(1)).all()
+    report = verify_export(export)
+    assert report["reference"] == {"path": "reference.npz", "images": 32}
+    assert {Path(row["path"]).relative_to(export).as_posix(): (row["reference"]["agree"], row["reference"]["met"])
+            for row in report["models"]} == {name: (32, True) for name in MODELS}
+    assert all(row["reference"]["max_abs_diff"] < 1e-3 for row in report["models"])  # same machine, same runtimes
+    result = subprocess.run([sys.executable, "-m", "exporters", "verify", str(export)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"ok  {export / 'model_int8.onnx'}: top-1 agrees with its reference answers on 32/32 images (100.0%, " \
+           "goal 99.5%)" in result.stdout
+
+
+def test_reference_answers_are_reproducible_and_never_unpickled(tmp_path):
+    """The same answers give the same bytes (fixed zip timestamps); an archive with a pickled array, or answers
+    whose top-1 is not what their logits imply, is one InputError line."""
+    import zipfile
+
+    from exporters.reference import read_reference, write_reference
+
+    rng = np.random.default_rng(0)
+    inputs, logits = rng.standard_normal((4, 3, 8, 8), dtype=np.float32), rng.standard_normal((4, 10)).astype("f4")
+    write_reference(tmp_path / "a.npz", inputs, {"model.onnx": logits})
+    with zipfile.ZipFile(tmp_path / "a.npz") as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    write_reference(tmp_path / "b.npz", inputs, {"model.onnx": logits})
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()
+    assert (read_reference(tmp_path / "a.npz", [3, 8, 8], 10).top1["model.onnx"] == logits.argmax(1)).all()
+    np.savez(tmp_path / "pickled.npz", inputs=np.array([object()], dtype=object))
+    with pytest.raises(InputError, match="pickled.npz is unreadable"):
+        read_reference(tmp_path / "pickled.npz", [3, 8, 8], 10)
+    np.savez(tmp_path / "wrong.npz", inputs=inputs, **{"logits/model.onnx": logits,
+                                                       "top1/model.onnx": (logits.argmax(1) + 1) % 10})
+    with pytest.raises(InputError, match="answers of 'model.onnx' are not 4 x 10 finite float32 logits"):
+        read_reference(tmp_path / "wrong.npz", [3, 8, 8], 10)
+
+
+def _change_reference(export: Path, name: str, images: int) -> None:
+    """Rewrite reference.npz with the top-1 of model file ``name`` moved to another class on its first ``images``
+    images, and list its new sha256 in the manifest: the hash check passes, the answers do not."""
+    from exporters.reference import write_reference
+
+    with np.load(export / "reference.npz", allow_pickle=False) as npz:
+        logits = {key.removeprefix("logits/"): npz[key] for key in npz.files if key.startswith("logits/")}
+        inputs = npz["inputs"]
+    changed = logits[name].copy()
+    for i in range(images):
+        changed[i, (changed[i].argmax() + 1) % changed.shape[1]] = changed[i].max() + 1.0
+    (export / "reference.npz").unlink()  # a hard link to the fixture's file: replaced, never written into
+    write_reference(export / "reference.npz", inputs, {**logits, name: changed})
+    _relist(export, "reference.npz")
+
+
+def _relist(export: Path, name: str) -> None:
+    """The manifest entry of ``name`` rewritten to the file's current size and sha256."""
+    manifest_path = export / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["artifacts"]:
+        if entry["path"] == name:
+            entry.update(sha256=file_sha256(export / name), bytes=(export / name).stat().st_size)
+    manifest_path.unlink()
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def _runtime_verify(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporters", "verify", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def test_verify_record_records_only_the_models_that_met_their_reference_answers(exported, tmp_path):
+    """An INT8 file whose reference top-1 differs on 4 of 32 images misses its goal (99.5%): verify says so and
+    passes, and --record leaves that file (and only it) unrecorded."""
+    export = clone_run(exported, tmp_path / "run") / "export"
+    _change_reference(export, "model_int8.onnx", 4)
+    manifest = json.loads((export / "manifest.json").read_text())
+    for artifact in manifest["artifacts"]:
+        del artifact["checked_on"]  # as a manifest this architecture never checked
+    (export / "manifest.json").unlink()
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    result = _runtime_verify("--record", str(export))
+    assert result.returncode == 0, result.stderr
+    assert f"MISS  {export / 'model_int8.onnx'}: does not match its reference answers here: top-1 agrees with its " \
+           "reference answers on 28/32 images (87.5%, goal 99.5%)" in result.stdout
+    assert "not recorded (did not match their reference answers here): model_int8.onnx" in result.stdout
+    assert f"checked on {platform.machine()} (7 files)" in result.stdout
+    checked = {a["path"]: a.get("checked_on") for a in json.loads((export / "manifest.json").read_text())["artifacts"]}
+    assert checked == {**{name: [platform.machine()] for name in MODELS_AND_WEIGHTS}, "model_int8.onnx": None,
+                       "reference.npz": None}
+
+
+def test_a_float_model_that_misses_its_reference_answers_fails_verify(exported, tmp_path):
+    export = clone_run(exported, tmp_path / "run") / "export"
+    _change_reference(export, "openvino/model_fp16.xml", 1)
+    manifest_before = (export / "manifest.json").read_text()
+    result = _runtime_verify("--record", str(export))
+    assert result.returncode == 3, result.stderr
+    assert "error: float answers changed on this machine: " in result.stderr
+    assert "model_fp16.xml does not match its reference answers here: top-1 agrees with its reference answers " \
+           "on 31/32 images (96.9%, goal 100%)" in result.stderr
+    assert (export / "manifest.json").read_text() == manifest_before  # nothing recorded
+
+
+def test_verify_record_refuses_a_folder_without_reference_answers(exported, tmp_path):
+    """A folder exported before reference answers: verify still runs each model on noise and says it compared
+    nothing; --record refuses (exit 2), since nothing it could record was compared."""
+    export = clone_run(exported, tmp_path / "run") / "export"
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["path"] != "reference.npz"]
+    (export / "manifest.json").unlink()
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    (export / "reference.npz").unlink()
+    result = _runtime_verify(str(export))
+    assert result.returncode == 0, result.stderr
+    assert "--  no reference answers (reference.npz) in this folder" in result.stdout
+    assert f"ok  {export / 'model.onnx'}: (2, 3, 32, 32) -> (2, 10) finite logits" in result.stdout
+    result = _runtime_verify("--record", str(export))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {export} has no reference answers (reference.npz) to check its models " \
+        "against, so nothing can be recorded as checked here: re-export the folder with this version"
+    assert json.loads((export / "manifest.json").read_text()) == manifest
 
 
 def test_a_reexport_keeps_the_architectures_of_unchanged_bytes_only():
@@ -221,14 +359,7 @@ def test_a_perturbed_weight_in_the_exported_file_fails_the_gate(exported, fashio
     clone_run(exported, run_dir)
     _perturb_classifier(run_dir / "export" / "model.onnx")
     # an export that went wrong (not a file corrupted later): its manifest lists the wrong file's sha256
-    manifest_path = run_dir / "export" / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for entry in manifest["artifacts"]:
-        if entry["path"] == "model.onnx":
-            entry.update(sha256=file_sha256(run_dir / "export" / "model.onnx"),
-                         bytes=(run_dir / "export" / "model.onnx").stat().st_size)
-    manifest_path.unlink()
-    manifest_path.write_text(json.dumps(manifest))
+    _relist(run_dir / "export", "model.onnx")
     result = run_cli("export", "--verify", "--formats", "onnx", "--run-dir", str(run_dir), "--data-root",
                      str(fashion_root), "--images", "16")
     assert result.returncode == 3, result.stderr

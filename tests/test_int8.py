@@ -39,6 +39,7 @@ from tests.conftest import (
 FLOAT_FILES = ("model.onnx", "openvino/model.xml", "openvino/model.bin", "openvino/model_fp16.xml",
                "openvino/model_fp16.bin")
 INT8_FILES = ("model_int8.onnx", "openvino/model_int8.xml", "openvino/model_int8.bin")
+ANSWERS = ("reference.npz",)  # the listed models' answers to the reference images (exporters.reference)
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shipp
     assert not any((export / name).exists() for name in INT8_FILES)  # nothing that failed is left to ship
     assert {name: file_sha256(export / name) for name in FLOAT_FILES} == float_before
     manifest = json.loads((export / "manifest.json").read_text())
-    assert {a["path"] for a in manifest["artifacts"]} == set(FLOAT_FILES)
+    assert {a["path"] for a in manifest["artifacts"]} == set(FLOAT_FILES + ANSWERS)
     assert run_cli("verify", str(export)).returncode == 0  # the float artifacts are whole and shippable
     assert "float artifacts are up to date; only the INT8 step runs" in failed.stderr
 
@@ -206,13 +207,13 @@ def test_an_int8_step_killed_half_way_leaves_the_float_artifacts_listed_alone(le
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     listed = {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]}
-    assert listed == set(FLOAT_FILES) and not any((export / name).exists() for name in INT8_FILES)
+    assert listed == set(FLOAT_FILES + ANSWERS) and not any((export / name).exists() for name in INT8_FILES)
     assert run_cli("verify", str(export)).returncode == 0
     rerun = run_cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not any(export.glob(".int8-*")), "a killed step's scratch folder is cleared"
     assert {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]} == set(
-        FLOAT_FILES + INT8_FILES)
+        FLOAT_FILES + INT8_FILES + ANSWERS)
     assert run_cli("verify", str(export)).returncode == 0
 
 
@@ -224,7 +225,8 @@ def test_no_int8_writes_no_int8_files(learned_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert {name: file_sha256(export / name) for name in FLOAT_FILES} == float_before
     assert not any((export / name).exists() for name in INT8_FILES) and not (export / "int8.json").exists()
-    assert {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]} == set(FLOAT_FILES)
+    listed = {a["path"] for a in json.loads((export / "manifest.json").read_text())["artifacts"]}
+    assert listed == set(FLOAT_FILES + ANSWERS)
 
 
 def _answers(labels: np.ndarray, lost: int, gained: int, other: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -80,8 +80,8 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "kd"
     for key, default in (("int8", True), ("calibration_images", 32), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
                          ("int8_min_agreement", 97.0), ("int8_eval_images", None), ("int8_saturation_safe", True),
-                         ("int8_confidence", 0.95)):
-        assert new_config["export"].pop(key) == default  # the INT8 step, added since (the tiny profile's values)
+                         ("int8_confidence", 0.95), ("reference_images", 32)):
+        assert new_config["export"].pop(key) == default  # the INT8 step, reference answers: added since
     for key in ("lr", "weight_decay", "grad_clip"):
         assert old_config["student"]["train"].pop(key) == getattr(TrainConfig(), key)  # the teacher's recipe
         assert new_config["student"]["train"].pop(key) == STUDENT_RECIPE[key]

@@ -131,6 +131,7 @@ def test_the_installed_runtime_predicts_verifies_and_benches_without_torch(devic
             [json.loads(x)["index"] for x in here.stdout.splitlines()] and len(device.stdout.splitlines()) == 6
     verify = in_env(device_env, "kdiff-runtime", "verify", "--json", str(export))
     assert verify.returncode == 0, verify.stderr
+    assert all(row["reference"]["met"] for row in json.loads(verify.stdout)["models"])  # compared, not just run
     bench = in_env(device_env, "kdiff-runtime", "bench", "--model", str(export / "model_int8.onnx"),
                    "--batch-sizes", "1", "--iterations", "3", "--warmup", "1", "--json", "-")
     assert bench.returncode == 0, bench.stderr

@@ -26,15 +26,25 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
+import numpy as np
 import torch
 
 from exporters import metadata as md
 from exporters.equivalence import Comparison, Tolerances, compare_runner, gate, judge
 from exporters.errors import GateFailedError
-from exporters.formats import ONNX_FILE, ExportFormat, ExportJob, format_names, get_format, with_requirements
+from exporters.formats import (
+    ONNX_FILE,
+    ExportFormat,
+    ExportJob,
+    format_names,
+    format_of,
+    get_format,
+    with_requirements,
+)
 from exporters.quantize import Int8Result, Int8Settings, judge_int8, predictions, quantization_meta
+from exporters.reference import REFERENCE, write_reference
 from exporters.sessions import RuntimeOptions
-from exporters.verify import check_hashes, read_manifest
+from exporters.verify import check_hashes, is_model_file, read_manifest
 from pipeline.config import ExportConfig
 from pipeline.errors import BadInputError, parse_list
 from pipeline.layout import RunLayout, StageFolder
@@ -62,11 +72,12 @@ class ExportSettings:
     tolerances: Tolerances = field(default_factory=Tolerances)
     int8: Int8Settings | None = field(default_factory=Int8Settings)  # None: no INT8 artifacts
     int8_eval_images: int | None = None  # None: the images the student was tested on
+    reference_images: int = 32  # held-out images whose answers reference.npz records (what verify compares)
 
     def as_dict(self) -> dict[str, Any]:
         """The settings of the float artifacts (the INT8 step's are :meth:`int8_dict`)."""
         return {"formats": list(self.formats), "opset": self.opset, "exporter": self.exporter, "images": self.images,
-                "tolerances": vars(self.tolerances)}
+                "tolerances": vars(self.tolerances), "reference_images": self.reference_images}
 
     def int8_dict(self) -> dict[str, Any] | None:
         return None if self.int8 is None else {**self.int8.as_dict(), "eval_images": self.int8_eval_images}
@@ -140,7 +151,8 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
         log.info("export: the float artifacts are up to date; only the INT8 step runs")
         files = artifact_list(stage.folder, to_write)
         return finish_int8(layout, stage, settings, settings_hash, int8_hash, to_write, files, meta, info, dataset,
-                           data_root, {k: done[k] for k in ("formats", "opset", "equivalence_passed") if k in done})
+                           data_root, {k: done[k] for k in ("formats", "opset", "equivalence_passed") if k in done},
+                           reference_inputs(dataset, size, data_root, settings.reference_images))
     model, info = load_fused(layout)
     if not verify_only:
         stage.marker.unlink(missing_ok=True)
@@ -167,33 +179,34 @@ def run_export(layout: RunLayout, settings: ExportSettings, data_root: str | Non
     if not passed:
         stage.marker.unlink(missing_ok=True)
         if not verify_only:  # a model that failed its gate is never left where it could be shipped
-            for path in [stage.folder / name for name in files] + [stage.folder.manifest]:
+            for path in [stage.folder / name for name in [*files, REFERENCE]] + [stage.folder.manifest]:
                 path.unlink(missing_ok=True)
     gate(gated, "export")
     if verify_only:
         log.info("export: the artifacts in %s still match the fused student", stage.dir)
         return report
-    manifest = build_manifest(stage.folder, files, meta, settings)
-    atomic_write_json(stage.folder.manifest, manifest)
+    inputs = reference_inputs(dataset, size, data_root, settings.reference_images)
+    manifest = write_manifest(stage.folder, files, meta, settings, inputs)
     summary = {"formats": list(settings.formats), "opset": manifest["onnx"]["opset"], "equivalence_passed": True}
-    stage.mark_complete(settings_hash, files + list(STAGE.outputs), summary)  # the float artifacts are final
+    stage.mark_complete(settings_hash, files + list(OUTPUTS), summary)  # the float artifacts are final
     return finish_int8(layout, stage, settings, settings_hash, int8_hash, to_write, files, meta, info, dataset,
-                       data_root, summary)
+                       data_root, summary, inputs)
 
 
 def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, settings_hash: str, int8_hash: str | None,
                 formats: Sequence[ExportFormat], files: list[str], meta: dict[str, Any], info: dict[str, Any],
-                dataset: str, data_root: str | None, summary: dict[str, Any]) -> dict[str, Any]:
+                dataset: str, data_root: str | None, summary: dict[str, Any], inputs: np.ndarray) -> dict[str, Any]:
     """The INT8 step after the float artifacts are final: quantize, judge, and list what passed in the manifest
-    and ``stage.json``; with INT8 off, remove what an earlier run left. The float files are never touched."""
+    and ``stage.json`` (with each listed model's answers to ``inputs`` in ``reference.npz``); with INT8 off,
+    remove what an earlier run left. The float files are never touched."""
     int8_files = [name for fmt in formats if fmt.int8 for name in fmt.int8.files]
 
     def float_only(record: dict[str, Any]) -> dict[str, Any]:
         """No INT8 file left to ship; the manifest and stage.json list the float artifacts alone."""
         for name in int8_files:
             (stage.folder / name).unlink(missing_ok=True)
-        atomic_write_json(stage.folder.manifest, build_manifest(stage.folder, files, meta, settings))
-        return stage.mark_complete(settings_hash, files + list(STAGE.outputs), record)
+        write_manifest(stage.folder, files, meta, settings, inputs)
+        return stage.mark_complete(settings_hash, files + list(OUTPUTS), record)
 
     stage.folder.int8_report.unlink(missing_ok=True)
     for leftover in stage.dir.glob(".int8-*"):  # the scratch folder of an INT8 step that was killed
@@ -209,15 +222,11 @@ def finish_int8(layout: RunLayout, stage: Stage, settings: ExportSettings, setti
         failed = "; ".join(r.describe() for r in results if not r.passed)
         raise GateFailedError(f"export INT8 accuracy gate failed: {failed}. The INT8 files were removed; the float "
                               f"artifacts in {stage.dir} passed their gates and are the ones to ship")
-    manifest = build_manifest(stage.folder, files + int8_files, meta, settings)
-    for artifact in manifest["artifacts"]:  # what an INT8 model carries beside the shared metadata
-        if artifact["path"] in tags:
-            artifact["quantization"] = tags[artifact["path"]]
-    manifest["int8"] = [r.as_dict() for r in results]
-    manifest["int8_checked_on"] = cpu_identity()  # INT8 answers depend on the CPU's kernels (VNNI, AMX, NEON...)
-    atomic_write_json(stage.folder.manifest, manifest)
+    write_manifest(stage.folder, files + int8_files, meta, settings, inputs, {
+        "quantization": tags, "int8": [r.as_dict() for r in results],
+        "int8_checked_on": cpu_identity()})  # INT8 answers depend on the CPU's kernels (VNNI, AMX, NEON...)
     int8 = {r.file: {"top1": r.int8_top1, "drop": r.drop, "agreement": r.agreement} for r in results}
-    return stage.mark_complete(settings_hash, files + list(STAGE.outputs) + int8_files + ["int8.json"],
+    return stage.mark_complete(settings_hash, files + list(OUTPUTS) + int8_files + ["int8.json"],
                                {**summary, "int8_hash": int8_hash, "int8": int8})
 
 
@@ -256,6 +265,31 @@ def quantize_and_judge(layout: RunLayout, folder: StageFolder, formats: Sequence
         "rule": int8.rule(), "checked_on": cpu_identity(),
         "results": [r.as_dict() for r in results]})
     return results, tags
+
+
+def reference_inputs(dataset: str, size: int, data_root: str | None, count: int) -> np.ndarray:
+    """The inputs of ``reference.npz``: ``count`` held-out images, drawn as the equivalence gates draw theirs (same
+    split, same seed), preprocessed as the runtime feeds them (float32 N x C x H x W)."""
+    return held_out({"dataset": dataset, "image_size": size}, data_root, count)[0].numpy().astype(np.float32)
+
+
+def write_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, Any], settings: ExportSettings,
+                   inputs: np.ndarray, int8: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``reference.npz`` (each model file's answers to ``inputs`` here), then ``manifest.json`` listing ``files``
+    and it. ``int8``: the INT8 step's ``quantization`` tags per model file, and its other manifest fields."""
+    models = [name for name in files if is_model_file(name)]
+    logits = {name: format_of(folder / name).open(folder / name, RuntimeOptions(precision="f32")).run(inputs)
+              for name in models}
+    write_reference(folder / REFERENCE, inputs, logits)
+    manifest = build_manifest(folder, [*files, REFERENCE], meta, settings)
+    extra = dict(int8 or {})
+    tags = extra.pop("quantization", {})
+    for artifact in manifest["artifacts"]:  # what an INT8 model carries beside the shared metadata
+        if artifact["path"] in tags:
+            artifact["quantization"] = tags[artifact["path"]]
+    manifest.update(extra)
+    atomic_write_json(folder.manifest, manifest)
+    return manifest
 
 
 def build_manifest(folder: StageFolder, files: Sequence[str], meta: dict[str, Any],
@@ -326,12 +360,13 @@ def export_settings(e: ExportConfig) -> ExportSettings:
                          saturation_safe=e.int8_saturation_safe, confidence=e.int8_confidence) if e.int8 else None)
     return ExportSettings(tuple(e.formats), e.opset, e.exporter, e.images,
                           Tolerances(fp32_rel=e.fp32_tol, min_top1_agreement=e.min_top1_agreement), int8,
-                          e.int8_eval_images)
+                          e.int8_eval_images, e.reference_images)
 
 
 def run_export_stage(run: StageRun) -> dict[str, Any]:
     return run_export(run.layout, export_settings(run.cfg.export), run.cfg.data.data_root)
 
 
+OUTPUTS = ("manifest.json", "equivalence.json", REFERENCE)
 STAGE = StageSpec(name="export", folder=lambda layout: layout.export, run=run_export_stage,
-                  inputs=lambda layout: [layout.fused.model], outputs=("manifest.json", "equivalence.json"))
+                  inputs=lambda layout: [layout.fused.model], outputs=OUTPUTS)
