@@ -97,8 +97,8 @@ STUDENT_RECIPE: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01,
 
 # The measurement that chose the default method and its options: a results file of benchmarks/kd_methods.py and
 # its row. Every run's report names it; tests/test_kd_protocol.py holds the defaults to that row.
-DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-06-kd-methods.md", "row": "KD",
-                           "pair": "ResNet-34 teacher -> ShuffleNetV2 x0.5"}
+DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-07-kd-methods-swin.md", "row": "KD",
+                           "pair": "Swin-T teacher -> ShuffleNetV2 x0.5, 32x32, 4k labelled images"}
 
 
 class StudentConfig(_Strict):
