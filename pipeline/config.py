@@ -325,9 +325,13 @@ def profile_for(profile: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
     per_dataset = profile.get("for_dataset") or {}
     if not isinstance(per_dataset, dict):
         raise BadInputError("profile: for_dataset must map dataset names to settings")
-    dataset = (given.get("data") or {}).get("dataset") or (general.get("data") or {}).get("dataset") \
-        or DataConfig.model_fields["dataset"].default
-    return _merge(general, per_dataset.get(dataset) or {})
+    data = _merge(general.get("data") or {}, given.get("data") or {})
+    profile = _merge(general, per_dataset.get(data.get("dataset") or DataConfig.model_fields["dataset"].default) or {})
+    labelled, subset = (profile.get("student") or {}).get("subset"), data.get("subset")
+    if labelled is not None and subset is not None and labelled >= subset:
+        # the profile's few-labels subset, on a run given fewer training images: the students take them all
+        profile["student"] = {key: value for key, value in profile["student"].items() if key != "subset"}
+    return profile
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

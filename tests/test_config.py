@@ -42,3 +42,7 @@ def test_the_default_profile_sizes_only_the_built_in_data():
     assert (theirs.teacher.train.epochs, theirs.student.train.epochs) == (2, 3)
     flagged = resolve_config(overrides={"student": {"subset": 500}}, profile="default")
     assert flagged.student.subset == 500
+    # given fewer training images than the profile's few labels, the students take them all (no refusal of a
+    # setting the user never made); a larger --subset keeps the profile's
+    assert resolve_config(overrides={"data": {"subset": 128}}, profile="default").student.subset is None
+    assert resolve_config(overrides={"data": {"subset": 3000}}, profile="default").student.subset == 2000

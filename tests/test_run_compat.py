@@ -75,7 +75,7 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     old_config, new_config = yaml.safe_load(old_config_text), yaml.safe_load((run / "config.yaml").read_text())
     assert new_config["student"].pop("teacher_precision") == "auto"
     assert new_config["data"].pop("validation") is None and new_config.pop("baselines") == ["none"]
-    assert new_config.pop("keep_checkpoints") is False
+    assert new_config.pop("keep_checkpoints") is False and new_config["student"].pop("subset") is None
     # the default method followed the evidence (benchmarks/results/2026-12-05-kd-methods.md)
     assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "kd"
     for key, default in (("int8", True), ("calibration_images", 32), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
