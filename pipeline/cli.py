@@ -75,7 +75,7 @@ TEACHER_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 STUDENT_OPTIONS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--method", "method", dict(help="kd (default), kdiffusion, dkd, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, crd, none "
+    ("--method", "method", dict(help="dkd (default), kd, kdiffusion, fitnet, at, pkt, sp, rkd, vid, ofd, reviewkd, crd, none "
                                      "(student alone)")),
     ("--teacher-ckpt", "teacher_ckpt", dict(help="teacher model.pt (default RUN_DIR/teacher/model.pt)")),
     ("--student-subset", "subset", dict(type=int, help="labelled images the student trains on, drawn from the "

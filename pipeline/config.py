@@ -97,13 +97,13 @@ STUDENT_RECIPE: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01,
 
 # The measurement that chose the default method and its options: a results file of benchmarks/kd_methods.py and
 # its row. Every run's report names it; tests/test_kd_protocol.py holds the defaults to that row.
-DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-07-kd-methods-swin.md", "row": "KD",
+DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-07-kd-methods-swin.md", "row": "DKD",
                            "pair": "Swin-T teacher -> ShuffleNetV2 x0.5, 32x32, 4k labelled images"}
 
 
 class StudentConfig(_Strict):
     model: str = "shufflenetv2"
-    method: str = "kd"  # what DEFAULT_METHOD_EVIDENCE chose; `--method kdiffusion` is one flag away
+    method: str = "dkd"  # what DEFAULT_METHOD_EVIDENCE chose; `--method kdiffusion` is one flag away
     method_options: dict[str, Any] = Field(default_factory=dict, description="options of the method, by name")
     teacher_ckpt: Optional[str] = Field(None, description="teacher model.pt (default RUN_DIR/teacher/model.pt)")
     subset: Optional[int] = Field(

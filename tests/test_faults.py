@@ -173,7 +173,7 @@ def test_method_options_are_checked_before_any_stage(tmp_path):
     run = tmp_path / "fresh"
     result = run_cli("run", "--profile", "tiny", "--run-dir", str(run), "--method-option", "foo=1")
     assert result.returncode == 2
-    assert "method 'kd' has no option(s) foo" in result.stderr and not run.exists()
+    assert "method 'dkd' has no option(s) foo" in result.stderr and not run.exists()
 
 
 @pytest.mark.parametrize("profile", ["../../../etc/hostname", "tiny/../../x", "nope"])

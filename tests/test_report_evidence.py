@@ -27,7 +27,7 @@ def test_a_run_with_the_default_method_names_its_evidence(tiny_run):
 def test_a_run_with_another_method_says_it_was_its_own_choice(tiny_run, tmp_path):
     run = clone_run(tiny_run, tmp_path / "run")
     rewrite_json(run / "student" / "metrics.json",
-                 lambda m: m["arch"].update(method="dkd", method_options={"beta": 1.0}))
+                 lambda m: m["arch"].update(method="fitnet", method_options={"beta": 1.0}))
     screen = first_screen(rebuilt_report(run))
-    assert "were this run's choice; the default is kd" in screen and DEFAULT_METHOD_EVIDENCE["file"] in screen
-    assert json.loads((run / "report.json").read_text())["student"]["method"] == "dkd"
+    assert "were this run's choice; the default is dkd" in screen and DEFAULT_METHOD_EVIDENCE["file"] in screen
+    assert json.loads((run / "report.json").read_text())["student"]["method"] == "fitnet"

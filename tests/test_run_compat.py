@@ -76,8 +76,8 @@ def test_a_finished_old_run_is_skipped_stage_by_stage(old_checkout, stripes_root
     assert new_config["student"].pop("teacher_precision") == "auto"
     assert new_config["data"].pop("validation") is None and new_config.pop("baselines") == ["none"]
     assert new_config.pop("keep_checkpoints") is False and new_config["student"].pop("subset") is None
-    # the default method followed the evidence (benchmarks/results/2026-12-05-kd-methods.md)
-    assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "kd"
+    # the default method followed the evidence (pipeline.config.DEFAULT_METHOD_EVIDENCE)
+    assert old_config["student"].pop("method") == "kdiffusion" and new_config["student"].pop("method") == "dkd"
     for key, default in (("int8", True), ("calibration_images", 32), ("int8_preset", "mixed"), ("int8_max_drop", 1.0),
                          ("int8_min_agreement", 97.0), ("int8_eval_images", None), ("int8_saturation_safe", True),
                          ("int8_confidence", 0.95), ("reference_images", 32)):
