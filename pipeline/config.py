@@ -96,7 +96,7 @@ STUDENT_RECIPE: dict[str, Any] = {"epochs": 3, "lr": 3e-3, "weight_decay": 0.01,
 
 
 # The measurement that chose the default method and its options: a results file of benchmarks/kd_methods.py and
-# its row. Every run's report names it; tests/test_kd_protocol.py holds the defaults to that row.
+# its row. Every run's report names it; tests/test_report_evidence.py holds the defaults to that row.
 DEFAULT_METHOD_EVIDENCE = {"file": "benchmarks/results/2026-12-07-kd-methods-swin.md", "row": "DKD",
                            "pair": "Swin-T teacher -> ShuffleNetV2 x0.5, 32x32, 4k labelled images"}
 
@@ -317,21 +317,30 @@ def read_profile(name: str) -> dict[str, Any]:
     raise BadInputError(f"unknown profile '{name}'; valid: {', '.join(profile_names())} (or a PATH.yaml file)")
 
 
+def _section(settings: dict[str, Any], key: str) -> dict[str, Any]:
+    """``settings[key]`` when it is a mapping, else empty (validation names a malformed one later)."""
+    value = settings.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def profile_for(profile: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """A profile's settings for the dataset the run uses: its general ones, then those under
     ``for_dataset: {DATASET: ...}`` for that dataset only (the default profile sizes its run for the built-in
-    data there: subsets and epochs that would be wrong on a user's images)."""
-    general = {key: value for key, value in profile.items() if key != "for_dataset"}
+    data there: subsets and epochs that would be wrong on a user's images). ``given``: the config file's and the
+    flags' settings, which decide the dataset."""
     per_dataset = profile.get("for_dataset") or {}
-    if not isinstance(per_dataset, dict):
-        raise BadInputError("profile: for_dataset must map dataset names to settings")
-    data = _merge(general.get("data") or {}, given.get("data") or {})
-    profile = _merge(general, per_dataset.get(data.get("dataset") or DataConfig.model_fields["dataset"].default) or {})
-    labelled, subset = (profile.get("student") or {}).get("subset"), data.get("subset")
-    if labelled is not None and subset is not None and labelled >= subset:
+    if not isinstance(per_dataset, dict) or not all(isinstance(v, dict) for v in per_dataset.values()):
+        raise BadInputError("invalid profile: for_dataset must map dataset names to settings")
+    data = {**_section(profile, "data"), **_section(given, "data")}
+    dataset = data.get("dataset") or DataConfig.model_fields["dataset"].default
+    chosen = _merge({key: value for key, value in profile.items() if key != "for_dataset"},
+                    per_dataset.get(dataset, {}) if isinstance(dataset, str) else {})
+    labelled = _section(chosen, "student").get("subset")
+    subset = {**_section(chosen, "data"), **_section(given, "data")}.get("subset")
+    if isinstance(labelled, int) and isinstance(subset, int) and labelled >= subset:
         # the profile's few-labels subset, on a run given fewer training images: the students take them all
-        profile["student"] = {key: value for key, value in profile["student"].items() if key != "subset"}
-    return profile
+        chosen["student"] = {key: value for key, value in chosen["student"].items() if key != "subset"}
+    return chosen
 
 
 def resolve_config(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None,

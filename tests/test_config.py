@@ -1,7 +1,10 @@
 """How settings combine: profiles, files and flags override only what they name."""
 from __future__ import annotations
 
+import pytest
+
 from pipeline.config import STUDENT_RECIPE, TrainConfig, resolve_config
+from pipeline.errors import BadInputError
 from pipeline.stages.distill import distill_settings_hash
 
 
@@ -46,3 +49,17 @@ def test_the_default_profile_sizes_only_the_built_in_data():
     # setting the user never made); a larger --subset keeps the profile's
     assert resolve_config(overrides={"data": {"subset": 128}}, profile="default").student.subset is None
     assert resolve_config(overrides={"data": {"subset": 3000}}, profile="default").student.subset == 2000
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("for_dataset: [fashion-mnist]", "for_dataset must map dataset names to settings"),
+    ("for_dataset: {fashion-mnist: 3}", "for_dataset must map dataset names to settings"),
+    ("student: 5\nfor_dataset: {fashion-mnist: {data: {eval_subset: 10}}}", "invalid config: student"),
+    ("data: {subset: 100}\nfor_dataset: {fashion-mnist: {student: {subset: lots}}}", "invalid config: student.subset"),
+])
+def test_a_malformed_profile_file_is_one_clear_error(text, expected, tmp_path):
+    """`--profile PATH.yaml` reads a file from elsewhere: a malformed for_dataset or section is refused by name."""
+    path = tmp_path / "mine.yaml"
+    path.write_text(text)
+    with pytest.raises(BadInputError, match=expected):
+        resolve_config(profile=str(path))
