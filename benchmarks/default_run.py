@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import kd_methods as km
@@ -26,10 +25,9 @@ import kd_methods as km
 ROLES = {"teacher": "teacher", "baseline": "student alone", "student": "distilled student", "fused": "fused student"}
 
 
-def run_seed(out: Path, seed: int, extra: list[str]) -> tuple[dict, float]:
-    """One ``pipeline run`` (resumed or skipped where already done); its report.json and wall time."""
+def run_seed(out: Path, seed: int, extra: list[str]) -> dict:
+    """One ``pipeline run`` (resumed or skipped where already done); its report.json."""
     run_dir = out / f"seed-{seed}"
-    started = time.time()
     log = out / f"seed-{seed}.log"
     out.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:
@@ -38,7 +36,7 @@ def run_seed(out: Path, seed: int, extra: list[str]) -> tuple[dict, float]:
                               cwd=km.ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode not in (0, 3):  # 3: a gate failed (e.g. INT8); the accuracies are still there
         raise SystemExit(f"pipeline run --seed {seed} failed ({done.returncode}); see {log}")
-    return json.loads((run_dir / "report.json").read_text()), time.time() - started
+    return json.loads((run_dir / "report.json").read_text())
 
 
 def accuracies(report: dict) -> dict[str, float]:
@@ -51,12 +49,12 @@ def stage_minutes(report: dict) -> float:
 
 
 def shown(values: list[float], signed: bool = False) -> str:
+    """Mean and 95% interval: a gain as kd_methods shows it (signed, ``*`` when the interval excludes 0), an
+    accuracy plain."""
+    if signed:
+        return km.shown(values)
     mean, half = km.interval(values)
-    fmt = "+.2f" if signed else ".2f"
-    if half != half:  # one value: no interval
-        return f"{mean:{fmt}}"
-    star = " *" if signed and abs(mean) > half else ""
-    return f"{mean:{fmt}} [{mean - half:{fmt}}, {mean + half:{fmt}}]{star}"
+    return f"{mean:.2f}" if math.isnan(half) else f"{mean:.2f} [{mean - half:.2f}, {mean + half:.2f}]"
 
 
 def tables(per_seed: dict[int, dict[str, float]]) -> list[str]:
@@ -81,11 +79,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="also write the table as markdown here")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
-    per_seed, walls, minutes = {}, {}, {}
+    per_seed, minutes = {}, {}
     for seed in range(args.seeds):
-        report, walls[seed] = run_seed(args.out, seed, extra)
+        report = run_seed(args.out, seed, extra)
         per_seed[seed], minutes[seed] = accuracies(report), stage_minutes(report)
-    first = report
+    first = report  # the settings every seed shares
     notes = [f"teacher: {first['run'].get('teacher', '?')}, students: {first['run'].get('student', '?')} "
              f"with {first['student'].get('method')} {json.dumps(first['student'].get('method_options') or {})}",
              f"data: {first.get('dataset')}, teacher on {first.get('teacher_train_images')} images, students on "
@@ -96,11 +94,7 @@ def main() -> None:
              + ", ".join(f"seed {s} {minutes[s]:.1f}" for s in sorted(minutes)),
              f"machine: {km.machine_note()}"]
     text = "\n".join([*tables(per_seed), "", *[f"- {n}" for n in notes]])
-    print(text)
-    if args.results:
-        command = "python benchmarks/default_run.py " + " ".join(sys.argv[1:])
-        args.results.write_text(f"# The default run over {args.seeds} seeds\n\n```bash\n{command}\n```\n\n{text}\n")
-        print(f"wrote {args.results}")
+    km.publish(f"The default run over {args.seeds} seeds", text, args.results)
 
 
 if __name__ == "__main__":

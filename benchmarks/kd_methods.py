@@ -452,6 +452,16 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--results", type=Path, help="also write the tables as markdown here")
 
 
+def publish(title: str, text: str, results: Path | None) -> None:
+    """Print a benchmark's tables; with ``results``, also write them as markdown under ``title``, headed by the
+    command that made them (this benchmark's script and its arguments)."""
+    print(text)
+    if results:
+        command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+        results.write_text(f"# {title}\n\n```bash\n{command}\n```\n\n{text}\n")
+        print(f"wrote {results}")
+
+
 def parse_names(parser: argparse.ArgumentParser, text: str, valid: Iterable[str], what: str) -> list[str]:
     """A comma-separated list of names; an unknown one ends the program with the valid ones listed."""
     names, valid = text.split(","), list(valid)
@@ -513,12 +523,7 @@ def main() -> None:
              f"wall time of this invocation {time.time() - started:.0f} s; machine: {machine_note()}"]
     text = "\n".join(["## Tuning (validation split)", "", *tuning, "", "## Test (chosen settings)", "", *main_rows,
                       "", *[f"- {n}" for n in notes]])
-    print(text)
-    if args.results:
-        command = "python benchmarks/kd_methods.py " + " ".join(sys.argv[1:])
-        args.results.write_text(f"# Distillation methods under one tuning protocol\n\n```bash\n{command}\n```\n\n"
-                                + text + "\n")
-        print(f"wrote {args.results}")
+    publish("Distillation methods under one tuning protocol", text, args.results)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -252,11 +251,7 @@ def main() -> None:
              "training images, which makes NNCF's validation top-1 optimistic, not its drop)",
              f"wall time of this invocation {time.time() - started:.0f} s; machine: {km.machine_note()}"]
     text = "\n".join([*tables(results), "", *[f"- {n}" for n in notes]])
-    print(text)
-    if args.results:
-        command = "python benchmarks/quantization.py " + " ".join(sys.argv[1:])
-        args.results.write_text(f"# Does re-parameterization hurt INT8?\n\n```bash\n{command}\n```\n\n{text}\n")
-        print(f"wrote {args.results}")
+    km.publish("Does re-parameterization hurt INT8?", text, args.results)
 
 
 if __name__ == "__main__":
