@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from pipeline.config import DEFAULT_METHOD_EVIDENCE
 from tests.conftest import ROOT, clone_run
@@ -12,10 +13,22 @@ from tests.test_report import first_screen, rebuilt_report, rewrite_json
 pytestmark = pytest.mark.slow
 
 
-def test_the_evidence_file_holds_the_row_it_names():
+def test_the_evidence_file_holds_the_row_it_names_and_the_defaults_are_that_rows_setting():
+    """The row's test-table line (`| label | method | setting | seeds | ...`) measured the default method with its
+    default options: a new results file or a changed default fails here until the two agree."""
+    from pipeline.config import StudentConfig
+    from pipeline.methods import method_settings
+
     results = (ROOT / DEFAULT_METHOD_EVIDENCE["file"]).read_text()
-    rows = [line for line in results.splitlines() if line.startswith(f"| {DEFAULT_METHOD_EVIDENCE['row']} |")]
-    assert rows, f"no row {DEFAULT_METHOD_EVIDENCE['row']!r} in {DEFAULT_METHOD_EVIDENCE['file']}"
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in results.splitlines()
+            if line.startswith(f"| {DEFAULT_METHOD_EVIDENCE['row']} |")]
+    tested = [cells for cells in rows if len(cells) > 3 and cells[3].isdigit()]  # the test table: seeds column
+    assert tested, f"no test row {DEFAULT_METHOD_EVIDENCE['row']!r} in {DEFAULT_METHOD_EVIDENCE['file']}"
+    method, setting = tested[0][1], dict(part.split("=", 1) for part in tested[0][2].split() if "=" in part)
+    default = StudentConfig.model_fields["method"].default
+    assert method == default
+    defaults = method_settings(default, {})
+    assert {key: defaults[key] for key in setting} == {key: yaml.safe_load(value) for key, value in setting.items()}
 
 
 def test_a_run_with_the_default_method_names_its_evidence(tiny_run):
