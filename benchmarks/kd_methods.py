@@ -72,6 +72,10 @@ SCALES = {
     # at 32x32, about 8 minutes) and students on 4k labelled images. At 32x32 the student's last map is 1x1.
     "swin": Scale(teacher=("--teacher", "swin", "--epochs", "2"), image_size=32, subset=4000, validation=5000,
                   epochs=10, batch_size=64),
+    # the map-size probe: the `swin` regime at 72x72, the smallest common size where the student's last map keeps
+    # 3x3 (ShuffleNetV2: 72 -> 36 -> 18 -> 9 -> 5 -> 3) and so does the Swin teacher's last stage (18 -> 9 -> 5 -> 3).
+    "swin-maps": Scale(teacher=("--teacher", "swin", "--epochs", "2"), image_size=72, subset=4000, validation=5000,
+                       epochs=10, batch_size=64),
     # the test suite's: the whole protocol on a few hundred images in about a minute.
     "tiny": Scale(teacher=("--teacher", "resnet34", "--epochs", "1", "--batch-size", "64", "--augment", "flip",
                            "--subset", "320", "--eval-subset", "64"),
@@ -107,6 +111,21 @@ GRIDS: dict[str, list[list[str]]] = {
 PLUS_KD = [option_flags(lambda_kd=weight, kd_temperature=2) for weight in (0.5, 1, 3, 9)]
 GRIDS.update({"fitnet+kd": PLUS_KD, "reviewkd+kd": [["--points", "multi", *flags] for flags in PLUS_KD],
               "kdiffusion+kd": PLUS_KD})
+
+
+def fixed_setting(text: str) -> tuple[str, list[str]]:
+    """``METHOD:option=value,option=value`` (``--setting``): a method's setting given, not tuned; the flags of its
+    grid that are not options (ReviewKD's ``--points multi``) come with it."""
+    method, _, options = text.partition(":")
+    if method not in GRIDS:
+        raise ValueError(f"unknown method {method!r} in --setting {text!r}; valid: {', '.join(GRIDS)}")
+    pairs = [item.partition("=") for item in options.split(",") if item]
+    if any(not name or not sep or not value for name, sep, value in pairs):
+        raise ValueError(f"--setting {text!r}: write METHOD:option=value[,option=value]")
+    structure = GRIDS[method][0]
+    kept = [flag for i, flag in enumerate(structure)
+            if flag != "--method-option" and (i == 0 or structure[i - 1] != "--method-option")]
+    return method, kept + option_flags(**{name: value for name, _, value in pairs})
 
 
 def cli_method(name: str) -> str:
@@ -211,12 +230,16 @@ class Protocol:
 
     # ---------------------------------------------------------------------------------------------- phases
 
-    def tune(self, methods: list[str], teacher: Path) -> dict[str, tuple[list[str], list[tuple[list[str], float]]]]:
-        """Each method's grid on the validation split (seed 0): (chosen flags, [(flags, validation top-1)])."""
-        grid = [Run(m, flags, 0, tuning=True) for m in methods for flags in GRIDS[m][:self.args.max_settings]]
+    def tune(self, methods: list[str], teacher: Path, fixed: dict[str, list[str]] | None = None
+             ) -> dict[str, tuple[list[str], list[tuple[list[str], float]]]]:
+        """Each method's grid on the validation split (seed 0): (chosen flags, [(flags, validation top-1)]); a method
+        in ``fixed`` keeps the flags given there, untuned (no validation scores)."""
+        fixed = fixed or {}
+        grid = [Run(m, flags, 0, tuning=True) for m in methods if m not in fixed
+                for flags in GRIDS[m][:self.args.max_settings]]
         done = self.train_all(grid, teacher)
-        chosen = {}
-        for method in methods:
+        chosen = {m: (flags, []) for m, flags in fixed.items() if m in methods}
+        for method in (m for m in methods if m not in fixed):
             scored = [(r.flags, r.metrics["top1"]) for r in done if r.method == method]
             best = max(scored, key=lambda fs: fs[1])  # max keeps the first of equal scores
             chosen[method] = (best[0], scored)
@@ -483,6 +506,9 @@ def main() -> None:
     parser.add_argument("--ablations", default="all",
                         help="KDiffusion ablation rows: all, none (empty) or a comma-separated list of labels; "
                              "labels joined by + make one row with all those changes (variance+m=8)")
+    parser.add_argument("--setting", action="append", default=[], metavar="METHOD:OPTION=VALUE[,...]",
+                        help="use this setting for METHOD instead of tuning it (e.g. the one chosen at another "
+                             "scale: kd:temperature=2,alpha=0.9); repeat for several methods")
     parser.add_argument("--matched-scale", action="store_true",
                         help="run each KDiffusion ablation with lambda_diff rescaled to the chosen setting's weight "
                              "on the fused feature (lambda_diff x points x the chain's curvature)")
@@ -490,21 +516,26 @@ def main() -> None:
     methods = parse_names(parser, args.methods, GRIDS, "method")
     if "none" not in methods:
         methods.insert(0, "none")
+    try:
+        fixed = dict(fixed_setting(text) for text in args.setting)
+    except ValueError as exc:
+        parser.error(str(exc))
     started = time.time()
     protocol = Protocol(args)
     teacher = protocol.teacher()
     teacher_meta = json.loads((teacher.parent / "metrics.json").read_text())
 
-    chosen = protocol.tune(methods, teacher)
+    chosen = protocol.tune(methods, teacher, fixed)
     rows, alone_of = plan_rows({m: chosen[m][0] for m in methods},
                                [] if args.ablations in ("", "none") else args.ablations.split(","), args.matched_scale)
     runs = protocol.test(rows, teacher)
 
     tuning = ["| method | setting | validation top-1 (%) | chosen |", "|---|---|---|---|"]
     for m in methods:
-        for flags, score in chosen[m][1]:
+        for flags, score in chosen[m][1] or [(chosen[m][0], None)]:
             setting = " ".join(flags).replace("--method-option ", "") or "-"
-            tuning.append(f"| {LABELS[m]} | {setting} | {score:.2f} | {'yes' if flags == chosen[m][0] else ''} |")
+            shown_score = "given (--setting), not tuned" if score is None and m in fixed else f"{score:.2f}"
+            tuning.append(f"| {LABELS[m]} | {setting} | {shown_score} | {'yes' if flags == chosen[m][0] else ''} |")
     main_rows = table(rows, runs, alone_of)
     sample = next((r for group in runs.values() for r in group if r.metrics.get("arch", {}).get("feature_pairs")),
                   None)
@@ -515,7 +546,9 @@ def main() -> None:
              f"{s.image_size}x{s.image_size}, fp32, the student recipe (AdamW 3e-3, wd 0.01, cosine)",
              f"tuning: <= {args.max_settings} settings per method, seed 0, {s.validation} validation images held out "
              f"of the training split; test: {args.seeds} seeds on the "
-             f"{'test split' if not s.eval_subset else f'{s.eval_subset}-image test subset'}",
+             f"{'test split' if not s.eval_subset else f'{s.eval_subset}-image test subset'}"
+             + (f"; not tuned here (setting given with --setting): {', '.join(LABELS[m] for m in fixed)}"
+                if fixed else ""),
              f"feature map sizes (C x H x W without C): {map_sizes(sample) if sample else '-'}",
              "`*`: the 95% interval of the paired difference excludes 0",
              *(["KDiffusion's ablations at matched scale: lambda_diff rescaled so that lambda_diff x points x the "

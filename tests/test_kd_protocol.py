@@ -207,3 +207,36 @@ def test_a_plus_kd_row_trains_the_feature_method_with_hintons_term_beside_it(pro
                                          "reviewkd+kd": protocol.GRIDS["reviewkd+kd"][0]}, [])
     assert rows["FitNet+KD"][0] == "fitnet+kd" and alone_of["FitNet+KD"] == "student alone"
     assert alone_of["ReviewKD+KD"] == "student alone points=multi"
+
+
+def test_a_given_setting_replaces_the_methods_tuning_and_keeps_its_grids_network_flags(protocol, tmp_path):
+    """``--setting``: the map-size probe reuses the settings chosen at 32x32 instead of tuning again at 72x72."""
+    import argparse
+
+    assert protocol.fixed_setting("kd:temperature=2,alpha=0.9") == (
+        "kd", ["--method-option", "temperature=2", "--method-option", "alpha=0.9"])
+    assert protocol.fixed_setting("reviewkd+kd:lambda_kd=1") == (
+        "reviewkd+kd", ["--points", "multi", "--method-option", "lambda_kd=1"])
+    with pytest.raises(ValueError, match="unknown method 'kdd'.*valid: none, kd, dkd"):
+        protocol.fixed_setting("kdd:beta=1")
+    with pytest.raises(ValueError, match="METHOD:option=value"):
+        protocol.fixed_setting("kd:temperature")
+
+    args = argparse.Namespace(scale="swin-maps", out=tmp_path, student="shufflenetv2_x0_5", device="cpu",
+                              data_root=None, max_settings=4, jobs=1, threads=1)
+    run = protocol.Protocol(args)
+    trained = []
+
+    def train_all(runs, teacher):  # records what tuning would train; scores each run by its position
+        trained.extend(runs)
+        for i, r in enumerate(runs):
+            r.metrics = {"top1": float(i)}
+        return runs
+
+    run.train_all = train_all
+    fixed = dict([protocol.fixed_setting("kd:temperature=4,alpha=0.5")])
+    chosen = run.tune(["none", "kd", "fitnet"], tmp_path / "teacher.pt", fixed)
+    assert [r.method for r in trained] == ["none"] + ["fitnet"] * len(protocol.GRIDS["fitnet"])
+    assert chosen["kd"] == (fixed["kd"], [])
+    assert chosen["fitnet"][0] == protocol.GRIDS["fitnet"][-1]  # the best-scored (here: the last) setting
+    assert "--image-size" in run.common() and run.common()[run.common().index("--image-size") + 1] == "72"
