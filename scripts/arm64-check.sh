@@ -41,6 +41,10 @@ done
 [ "${ARM64_ROOT_ONLY:-0}" = 1 ] || [ -f "$export_dir/model.onnx" ] || die "no model.onnx in $export_dir (an export folder of a finished run)"
 [ -f "$DATA/t10k-images-idx3-ubyte.gz" ] || die "no Fashion-MNIST test split in $DATA (set FASHION_MNIST)"
 "$PY" -c 'import onnxruntime, PIL, numpy' 2>/dev/null || die "$PY lacks the runtime's packages (set PY)"
+# One check at a time per cache: a second one would delete the first's outputs and unmount its /sys on exit.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock"
+flock -n 9 || die "another arm64-check is running on $CACHE (wait for it, or set ARM64_CACHE to another folder)"
 
 # --- arm64 binaries run through binfmt_misc ------------------------------------------------------------------
 mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc

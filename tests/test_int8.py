@@ -156,6 +156,57 @@ def test_int8_answers_hold_on_a_cpu_without_vnni(learned_run, stripes_root, tmp_
         assert agreement["openvino"] >= 0.97 and agreement["onnxruntime"] >= 0.97, (cap, agreement)
 
 
+def test_on_arm_the_int8_ir_runs_its_quantizers_in_float(learned_run, stripes_root, monkeypatch):
+    """OpenVINO 2026.4's ARM plugin runs the INT8 IR's depthwise convolutions in float16 (79% agreement with x86 on
+    the default run's student, under emulation); on aarch64 the session turns the plugin's low-precision
+    transformations off. Here, on x86, the session is told it runs on aarch64: the real plugin must then compile
+    no integer kernel and give the answers of the integer kernels it used before."""
+    from exporters import sessions
+    from pipeline.stages.loaders import held_out
+
+    export = learned_run / "export"
+    where = {"dataset": "fashion-mnist", "image_size": read_metadata(export / "model.onnx")["input_size"][-1]}
+    images = held_out(where, str(stripes_root), 200, 0)[0].numpy()
+    exact = sessions.RuntimeOptions(precision="f32")
+
+    def convolution_precisions(session) -> set[str]:
+        request = next(iter(session._requests.values()))
+        return {op.get_rt_info()["runtimePrecision"].astype(str)
+                for op in request.get_compiled_model().get_runtime_model().get_ordered_ops()
+                if op.get_rt_info()["layerType"].astype(str) == "Convolution"}
+
+    native = sessions.open_session(export / "openvino" / "model_int8.xml", "openvino", exact)
+    native_classes = native.run(images).argmax(1)
+    assert convolution_precisions(native) & {"u8", "i8"}  # this x86 CPU runs the IR in integer kernels
+    assert sessions.int8_kernels_trusted("x86_64") and not sessions.int8_kernels_trusted("aarch64")
+
+    monkeypatch.setattr(sessions.platform, "machine", lambda: "aarch64")
+    as_on_arm = sessions.open_session(export / "openvino" / "model_int8.xml", "openvino", exact)
+    assert as_on_arm.config[sessions.LOW_PRECISION_TRANSFORMS] is False
+    classes = as_on_arm.run(images).argmax(1)
+    assert convolution_precisions(as_on_arm) == {"f32"}, convolution_precisions(as_on_arm)
+    assert np.mean(classes == native_classes) >= 0.995
+    float_ir = sessions.open_session(export / "openvino" / "model.xml", "openvino", exact)
+    assert sessions.LOW_PRECISION_TRANSFORMS not in float_ir.config  # nothing to turn off in a float IR
+
+
+def test_an_openvino_without_the_switch_still_opens_the_int8_ir_and_says_so(learned_run, monkeypatch, caplog):
+    """A later OpenVINO may drop the plugin's internal switch: the session then compiles with the plugin's own INT8
+    path (which `verify` judges) and warns, instead of refusing the file. The real plugin rejects the unknown
+    property name used here as it would a dropped one."""
+    from exporters import sessions
+
+    monkeypatch.setattr(sessions.platform, "machine", lambda: "aarch64")
+    monkeypatch.setattr(sessions, "LOW_PRECISION_TRANSFORMS", "KDIFF_NO_SUCH_PROPERTY")
+    with caplog.at_level("WARNING", logger="exporters.sessions"):
+        session = sessions.open_session(learned_run / "export" / "openvino" / "model_int8.xml", "openvino",
+                                        sessions.RuntimeOptions(precision="f32"))
+        logits = session.run(np.zeros((2, *session.input_shape[1:]), dtype=np.float32))
+    assert logits.shape[0] == 2 and np.isfinite(logits).all()
+    assert "KDIFF_NO_SUCH_PROPERTY" not in session.config
+    assert "has no KDIFF_NO_SUCH_PROPERTY" in caplog.text and "verify" in caplog.text
+
+
 def test_a_wrong_calibration_fails_the_gate_and_leaves_the_float_artifacts_shippable(learned_run, stripes_root,
                                                                                       tmp_path):
     black = tmp_path / "black-train"  # the same test split, a training split of black images
