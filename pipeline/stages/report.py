@@ -16,6 +16,7 @@ from pipeline import names
 from pipeline.layout import RunLayout
 from pipeline.stages.base import Stage, StageSpec
 from exporters.latency import SPREAD_LIMIT, load_warning, noisy
+from exporters.sessions import ARM_MACHINES
 from pipeline.training.checkpoint import (atomic_write, atomic_write_json, atomic_write_text, file_sha256, read_json,
                                          settings_digest)
 
@@ -205,6 +206,21 @@ def per_runtime_lines(deploy: dict[str, Any], split: str) -> list[str]:
         lines.append(f"- {runtime}: `export/{choice['file']}` ({choice['bytes'] / 1e6:.2f} MB, "
                      f"{_fmt(choice['top1'], '.2f', '%')} {split} top-1, {timing})")
     return ["Per runtime, the file to ship (the fastest that passed its gates):", "", *lines, ""] if lines else []
+
+
+def arm_lines(deploy: dict[str, Any]) -> list[str]:
+    """For an ARM (aarch64) board, when the figures above come from another architecture: they do not carry over,
+    and OpenVINO's INT8 IR runs its quantizers in float there (``exporters.sessions.int8_kernels_trusted``), so
+    INT8 speed on ARM comes from ONNX Runtime's file (both checked by outcome under emulation: docs/device.md)."""
+    choices = deploy.get("ship_per_runtime") or {}
+    measured = {c["measured_on"]["arch"].lower() for c in choices.values() if c.get("measured_on")}
+    if not choices or measured & set(ARM_MACHINES):
+        return []
+    passed = {r["file"] for r in deploy.get("rows") or [] if r.get("passed")}
+    int8 = ("; OpenVINO's INT8 IR runs its quantizers in float there (no int8 kernels), so for INT8 on ARM ship "
+            "`export/model_int8.onnx` (ONNX Runtime)") if "model_int8.onnx" in passed else ""
+    return [f"On an ARM (aarch64) board: time the files there with `kdiff-runtime bench --model FILE`, these "
+            f"figures do not carry over{int8} (docs/device.md).", ""]
 
 
 # --------------------------------------------------------------------------- plots
@@ -561,7 +577,7 @@ def to_markdown(report: dict[str, Any], plots: dict[str, str]) -> str:
                + (f" INT8 gate: top-1 drop <= {settings['max_drop']:g} points and top-1 agreement with fp32 >= "
                   f"{settings['min_agreement']:g}% on {gate.get('test_images')} {split} images; calibrated on "
                   f"{gate['calibration']['images']} training images (preset {settings['preset']})." if gate else ""),
-               ""] + per_runtime_lines(deploy, split) + _int8_gate_lines(gate)
+               ""] + per_runtime_lines(deploy, split) + arm_lines(deploy) + _int8_gate_lines(gate)
         md += _table(["file", "format", "precision", "size (MB)", f"{split} top-1", "agreement with fp32",
                       "batch-1 CPU p50 (ms)"],
                      [(ship_mark(r["file"], deploy),
