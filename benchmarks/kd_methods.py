@@ -521,6 +521,9 @@ def main() -> None:
         fixed = dict(fixed_setting(text) for text in args.setting)
     except ValueError as exc:
         parser.error(str(exc))
+    unlisted = sorted(set(fixed) - set(methods))
+    if unlisted:
+        parser.error(f"--setting for {', '.join(unlisted)}, which --methods does not list ({','.join(methods)})")
     started = time.time()
     protocol = Protocol(args)
     teacher = protocol.teacher()
@@ -535,7 +538,7 @@ def main() -> None:
     for m in methods:
         for flags, score in chosen[m][1] or [(chosen[m][0], None)]:
             setting = " ".join(flags).replace("--method-option ", "") or "-"
-            shown_score = "given (--setting), not tuned" if score is None and m in fixed else f"{score:.2f}"
+            shown_score = "given (--setting), not tuned" if score is None else f"{score:.2f}"
             tuning.append(f"| {LABELS[m]} | {setting} | {shown_score} | {'yes' if flags == chosen[m][0] else ''} |")
     main_rows = table(rows, runs, alone_of)
     sample = next((r for group in runs.values() for r in group if r.metrics.get("arch", {}).get("feature_pairs")),

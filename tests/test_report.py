@@ -197,3 +197,13 @@ def test_a_runtime_without_latency_ships_its_smallest_passed_file_and_says_so(ti
     assert deploy["ship"]["file"] == deploy["ship_per_runtime"]["onnxruntime"]["file"]  # the one runtime timed
     assert f"- openvino: `export/{smallest['file']}` ({smallest['bytes'] / 1e6:.2f} MB, " in markdown
     assert "test top-1, latency not measured)" in markdown
+
+
+@pytest.mark.parametrize("arch", [None, "aarch64"])
+def test_the_arm_line_reads_the_benchmarks_architecture_as_found(tiny_run, tmp_path, arch):
+    """latency.json from an older run (no architecture) still gives a report with the ARM advice; figures timed on
+    an ARM board need none."""
+    run = clone_run(tiny_run, tmp_path / "run")
+    rewrite_json(run / "bench" / "latency.json", lambda latency: latency["machine"].update(arch=arch))
+    markdown = rebuilt_report(run)
+    assert ("On an ARM (aarch64) board" in markdown) == (arch is None)

@@ -213,7 +213,8 @@ def arm_lines(deploy: dict[str, Any]) -> list[str]:
     and OpenVINO's INT8 IR runs its quantizers in float there (``exporters.sessions.int8_kernels_trusted``), so
     INT8 speed on ARM comes from ONNX Runtime's file (both checked by outcome under emulation: docs/device.md)."""
     choices = deploy.get("ship_per_runtime") or {}
-    measured = {c["measured_on"]["arch"].lower() for c in choices.values() if c.get("measured_on")}
+    measured = {str(c["measured_on"].get("arch") or "").lower() for c in choices.values()
+                if isinstance(c.get("measured_on"), dict)}  # latency.json may predate or lack the machine's arch
     if not choices or measured & set(ARM_MACHINES):
         return []
     passed = {r["file"] for r in deploy.get("rows") or [] if r.get("passed")}
